@@ -1,0 +1,60 @@
+"""``python -m nbdist._agent <torchrun args>``: torchrun, plus two things nbdist needs.
+
+It parses the same arguments and runs the same elastic agent as
+``python -m torch.distributed.run``, and in addition
+
+* writes ``failures.json`` beside the entry script when ranks fail: torchrun's
+  per-rank exit codes (and so signal names), which no rank can report about itself;
+* exits, killing every rank, when the caller that started it dies (a killed notebook
+  kernel must not leave training processes behind).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from nbdist.jobdir import write_json_atomic
+from nbdist.launcher import descendants
+
+PARENT_POLL = 0.5
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL)
+    for pid in descendants(os.getpid()):
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+        except OSError:
+            pass
+    os._exit(1)
+
+
+def main(argv: list[str]) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True,
+                     name="nbdist-parent-watch").start()
+    args = parse_args(argv)
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        failures = {
+            str(rank): {"exitcode": f.exitcode, "pid": f.pid,
+                        "local_rank": f.local_rank, "timestamp": f.timestamp}
+            for rank, f in exc.failures.items()
+        }
+        write_json_atomic(Path(args.training_script).parent / "failures.json", failures)
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

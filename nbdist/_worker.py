@@ -1,0 +1,160 @@
+"""What every rank runs: load the payload, join the process group, call the function.
+
+Outcome of a rank, as the caller reads it back from the job directory:
+
+* success      → ``result-rank-N.pt`` (rank 0, or every rank with ``return_all``)
+* an exception → ``error-rank-N.pkl`` (the exception, its traceback, rank, time), exit 1
+* a crash      → nothing; torchrun's agent records the exit code or signal
+
+Failing ranks exit at once instead of tearing the process group down politely: the
+peers may be stuck in a collective, and torchrun's agent kills them when one rank dies.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+import cloudpickle
+
+from nbdist import payload, runtime
+from nbdist.channel import DONE, FAILED, READY, RUNNING, STARTING, ChannelWriter
+from nbdist.errors import add_note
+from nbdist.jobdir import JobDir, write_bytes_atomic
+
+HEARTBEAT = 5.0
+WATCH_INTERVAL = 0.5
+
+
+def main(job_dir: str) -> None:
+    job = JobDir(job_dir)
+    spec = job.read_spec()
+    rank = int(os.environ["RANK"])
+    channel = ChannelWriter(job.events(rank))
+    channel.status(STARTING, pid=os.getpid(), host=socket.gethostname())
+    runtime._attach(channel)
+    _start_watchdog(channel, caller=spec["caller_pid"])
+    try:
+        fn, args, kwargs = _load_payload(job, rank)
+        _init_process_group(spec)
+        channel.status(READY)
+        channel.status(RUNNING)
+        result = fn(*args, **kwargs)
+        runtime.flush_metrics()
+        if rank == 0 or spec["return_all"]:
+            _save_result(job, rank, result)
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            _exit_now(channel, exc.code if isinstance(exc.code, int) else 1)
+        if rank == 0 or spec["return_all"]:
+            _save_result(job, rank, None)
+    except BaseException as exc:
+        _record_error(job, rank, exc)
+        _exit_now(channel, 1, error=type(exc).__name__)
+    _destroy_process_group()
+    channel.status(DONE)
+    channel.close()
+
+
+def _load_payload(job: JobDir, rank: int) -> tuple:
+    try:
+        return payload.load(job.payload)
+    except Exception as exc:
+        add_note(exc, f"[nbdist] while loading the job's function and arguments on rank "
+                       f"{rank}: every module they use must be importable on the workers "
+                       f"(same Python, working directory and sys.path as the caller).")
+        raise
+
+
+def _init_process_group(spec: dict) -> None:
+    import torch
+    import torch.distributed as dist
+
+    if spec["device"] == "cuda":
+        torch.cuda.set_device(runtime.local_rank())
+    dist.init_process_group(spec["backend"])
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _save_result(job: JobDir, rank: int, result: Any) -> None:
+    result = payload.to_cpu(result)
+    try:
+        payload.dump(result, job.result(rank))
+    except Exception as exc:
+        raise payload.unpicklable_error(
+            f"return value of rank {rank}", payload.parts(result), exc,
+            hint="Return plain data (tensors, state_dicts, numbers, lists) instead; "
+                 f"the job's logs are kept in {job.path}.") from exc
+
+
+def _record_error(job: JobDir, rank: int, exc: BaseException) -> None:
+    import torch.distributed as dist
+
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if rank != 0:  # rank 0's log is streamed to the caller, which re-raises it anyway
+        print(tb, file=sys.stderr, flush=True)
+    try:
+        exc_bytes: bytes | None = cloudpickle.dumps(exc)
+        pickle.loads(exc_bytes)
+    except Exception:
+        exc_bytes = None
+    record = {
+        "rank": rank,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "time": time.time(),
+        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "message": str(exc),
+        "traceback": tb,
+        "exception": exc_bytes,
+        # an error of the communication layer is usually a consequence of a peer's
+        # failure, not the root cause
+        "collective": isinstance(exc, getattr(dist, "DistError", ())),
+    }
+    write_bytes_atomic(job.error(rank), pickle.dumps(record))
+
+
+def _exit_now(channel: ChannelWriter, code: int, **data: Any) -> None:
+    channel.status(FAILED, exitcode=code, **data)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _start_watchdog(channel: ChannelWriter, caller: int) -> None:
+    """Exit when torchrun's agent or the caller is gone; send heartbeats meanwhile."""
+    agent = os.getppid()
+
+    def watch() -> None:
+        last_beat = time.monotonic()
+        while os.getppid() == agent and _pid_alive(caller):
+            time.sleep(WATCH_INTERVAL)
+            if time.monotonic() - last_beat >= HEARTBEAT:
+                channel.emit("heartbeat")
+                last_beat = time.monotonic()
+        os.killpg(0, signal.SIGKILL)  # this rank and any dataloader workers it forked
+
+    threading.Thread(target=watch, daemon=True, name="nbdist-watchdog").start()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,330 @@
+"""``run_distributed``: validate → pack → launch → supervise → unpack.
+
+::
+
+    run_distributed(fn, *args, nprocs=2)
+      │ _plan: check arguments, pick nprocs / devices / backend (nothing started yet)
+      │ _pack: cloudpickle fn, args, kwargs into a fresh private job directory
+      ▼
+    Launch (launcher.py): torchrun → every rank runs _worker.main
+      │ _supervise: poll torchrun, stream rank logs and events to the display,
+      │             enforce timeout / init_timeout, kill everything on interrupt
+      ▼
+    rank 0's result loaded from the job directory, or the root-cause exception raised
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from nbdist import display as displays
+from nbdist import payload
+from nbdist.channel import DONE, FAILED, READY, RUNNING, STARTING, ChannelReader
+from nbdist.errors import InitTimeoutError, InvalidArgumentError, JobTimeoutError
+from nbdist.job import Job, RankStatus, diagnose, load_result
+from nbdist.jobdir import JobDir, tail
+from nbdist.launcher import Launch, entry_script
+
+DEFAULT_INIT_TIMEOUT = 300.0
+POLL = 0.05  # seconds between looks at the job while it runs
+
+_last_job: Job | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The validated shape of a job."""
+
+    nprocs: int
+    device: str  # "cuda" | "cpu"
+    backend: str
+    visible_devices: str | None  # CUDA_VISIBLE_DEVICES for the workers
+    timeout: float | None
+    init_timeout: float | None
+
+
+def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
+                    gpus: int | str | Sequence[int] | None = None,
+                    backend: str | None = None, timeout: float | None = None,
+                    init_timeout: float | None = DEFAULT_INIT_TIMEOUT,
+                    env: dict[str, str] | None = None, return_all: bool = False,
+                    display: str = "auto", all_ranks: bool = False, **kwargs: Any) -> Any:
+    """Run ``fn(*args, **kwargs)`` on every rank of a torchrun job; return rank 0's value.
+
+    The default process group is initialised before ``fn`` runs (``nccl`` with GPUs,
+    else ``gloo``) and destroyed after. Example::
+
+        def train(epochs):
+            model = DDP(Net())
+            ...
+            return model.module.state_dict()
+
+        state = nbdist.run_distributed(train, 3, nprocs=2)
+
+    A worker's exception is re-raised here as its own type, with the rank's traceback
+    attached; see ``DESIGN.md`` for timeouts, crashes and interrupts.
+    """
+    plan = plan_job(fn, nprocs=nprocs, gpus=gpus, backend=backend, timeout=timeout,
+                    init_timeout=init_timeout)
+    job_dir = JobDir.create()
+    _pack(job_dir, fn, args, kwargs, plan, return_all)
+    job = Job(id=job_dir.id, dir=str(job_dir.path), nprocs=plan.nprocs,
+              backend=plan.backend, return_all=return_all,
+              ranks=[RankStatus(r, log=str(job_dir.log(r))) for r in range(plan.nprocs)])
+    _remember(job)
+    view = displays.create(display, all_ranks=all_ranks)
+    launch = Launch(job_dir, plan.nprocs, _worker_env(plan, env))
+    try:
+        view.start(job)
+        _supervise(launch, job, plan, view)
+        if launch.poll() != 0:
+            job.status = "failed"
+            raise diagnose(job, launch.poll())
+        result = load_result(job_dir.path)
+        job.status = "succeeded"
+        return result
+    except KeyboardInterrupt:
+        job.status = "interrupted"
+        raise
+    except BaseException as exc:
+        if job.status == "running":
+            job.status = "failed"
+        job.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise
+    finally:
+        launch.kill()
+        job.ended = time.time()
+        job.save()
+        view.stop(job)
+
+
+def last_job() -> Job | None:
+    """The record of the latest job started in this process (also while it runs)."""
+    return _last_job
+
+
+def _remember(job: Job) -> None:
+    global _last_job
+    _last_job = job
+
+
+def plan_job(fn: Callable, *, nprocs: int | None, gpus: int | str | Sequence[int] | None,
+             backend: str | None, timeout: float | None,
+             init_timeout: float | None) -> Plan:
+    """Check the arguments and decide the job's shape; raises before anything starts."""
+    if not callable(fn):
+        raise InvalidArgumentError(
+            f"run_distributed needs a function to run, got {type(fn).__name__} {fn!r}")
+    if nprocs is not None and (not isinstance(nprocs, int) or nprocs < 1):
+        raise InvalidArgumentError(f"nprocs must be a positive integer, got {nprocs!r}")
+    for name, value in (("timeout", timeout), ("init_timeout", init_timeout)):
+        if value is not None and (not isinstance(value, (int, float)) or value <= 0):
+            raise InvalidArgumentError(f"{name} must be a positive number of seconds, "
+                                       f"got {value!r}")
+    device_ids = _parse_gpus(gpus)
+    if device_ids is None and nprocs is None and _cuda_count() > 0:
+        device_ids = list(range(_cuda_count()))  # default: one rank per visible GPU
+    if device_ids is not None:
+        _check_gpus(device_ids, gpus, nprocs)
+        nprocs = len(device_ids)
+    device = "cuda" if device_ids is not None else "cpu"
+    backend = backend or ("nccl" if device == "cuda" else "gloo")
+    if backend == "nccl" and device == "cpu":
+        raise InvalidArgumentError(
+            "backend='nccl' needs GPUs; pass gpus=N, or use backend='gloo' on the CPU")
+    visible = None
+    if gpus is not None:
+        # ids count within what the caller sees, as torch.cuda numbers them
+        current = os.environ.get("CUDA_VISIBLE_DEVICES")
+        names = current.split(",") if current else [str(i) for i in range(max(device_ids) + 1)]
+        visible = ",".join(names[i] for i in device_ids)
+    return Plan(nprocs=nprocs or 2, device=device, backend=backend,
+                visible_devices=visible, timeout=timeout, init_timeout=init_timeout)
+
+
+def _parse_gpus(gpus: int | str | Sequence[int] | None) -> list[int] | None:
+    if gpus is None:
+        return None
+    if isinstance(gpus, bool):
+        raise InvalidArgumentError(f"gpus must be a count or device ids, got {gpus!r}")
+    if isinstance(gpus, int):
+        if gpus < 1:
+            raise InvalidArgumentError(f"gpus must be at least 1, got {gpus}")
+        return list(range(gpus))
+    if isinstance(gpus, str):
+        text = gpus.strip()
+        if text.isdigit() and "," not in text:
+            return _parse_gpus(int(text))
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+    else:
+        parts = list(gpus)
+    try:
+        ids = [int(p) for p in parts]
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(
+            f"gpus={gpus!r}: expected a count (2) or device ids ('0,1' or [0, 1])") from None
+    if not ids or len(set(ids)) != len(ids) or min(ids) < 0:
+        raise InvalidArgumentError(f"gpus={gpus!r}: device ids must be distinct and >= 0")
+    return ids
+
+
+def _check_gpus(device_ids: list[int], gpus: Any, nprocs: int | None) -> None:
+    available = _cuda_count()
+    if available == 0:
+        raise InvalidArgumentError(
+            f"gpus={gpus!r} was requested, but this machine has no usable CUDA GPU "
+            f"(torch.cuda.is_available() is False). To run on the CPU with the gloo "
+            f"backend, use nprocs={len(device_ids)} instead.")
+    if max(device_ids) >= available:
+        raise InvalidArgumentError(
+            f"gpus={gpus!r} asks for device {max(device_ids)}, but only {available} "
+            f"GPU(s) are visible (ids 0..{available - 1}).")
+    if nprocs is not None and nprocs != len(device_ids):
+        raise InvalidArgumentError(
+            f"nprocs={nprocs} does not match gpus={gpus!r} ({len(device_ids)} device(s)): "
+            f"nbdist runs one process per GPU; drop nprocs or make them agree.")
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _pack(job_dir: JobDir, fn: Callable, args: tuple, kwargs: dict, plan: Plan,
+          return_all: bool) -> None:
+    """Write everything the ranks need into the job directory."""
+    try:
+        size = payload.dump((fn, args, kwargs), job_dir.payload)
+    except Exception as exc:
+        named = [("the function", fn)]
+        named += [(f"argument {i}", a) for i, a in enumerate(args)]
+        named += [(f"keyword argument {k!r}", v) for k, v in kwargs.items()]
+        raise payload.unpicklable_error(
+            "job", named, exc,
+            hint="Create such objects (locks, open files, connections, generators) "
+                 "inside the function instead of passing them in.") from None
+    payload.warn_if_large(size, "payload (function and arguments)")
+    from nbdist.jobdir import write_json_atomic
+
+    write_json_atomic(job_dir.spec, {
+        "nprocs": plan.nprocs, "backend": plan.backend, "device": plan.device,
+        "return_all": return_all, "caller_pid": os.getpid(),
+    })
+    cwd = os.getcwd()
+    sys_path = [os.path.abspath(p) if p else cwd for p in sys.path]
+    job_dir.entry.write_text(entry_script(job_dir, cwd=cwd, sys_path=sys_path))
+
+
+def _worker_env(plan: Plan, extra: dict[str, str] | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({k: str(v) for k, v in (extra or {}).items()})
+    env["PYTHONUNBUFFERED"] = "1"  # prints reach the log (and the notebook) at once
+    # torchrun sets 1 anyway when unset, and prints a banner about it
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["NBDIST_DEVICE"] = plan.device
+    if plan.visible_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = plan.visible_devices
+    return env
+
+
+class _LogFollower:
+    """Reads what a rank appended to its log since the last call, as text."""
+
+    def __init__(self, path: Path):
+        self._path = path
+        self._offset = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def read(self, final: bool = False) -> str:
+        try:
+            with open(self._path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            data = b""
+        self._offset += len(data)
+        return self._decoder.decode(data, final=final)
+
+
+def _supervise(launch: Launch, job: Job, plan: Plan, view: displays.Display) -> None:
+    """Follow the job until torchrun exits; raise on timeouts (after killing it)."""
+    job_dir = launch.job
+    events = ChannelReader({r: job_dir.events(r) for r in range(plan.nprocs)})
+    shown = range(plan.nprocs) if view.all_ranks else [0]
+    logs = {r: _LogFollower(job_dir.log(r)) for r in shown}
+    started = time.monotonic()
+
+    def pump(final: bool = False) -> None:
+        for event in events.poll():
+            _apply(event, job, launch)
+            view.event(event)
+        for rank, follower in logs.items():
+            text = follower.read(final)
+            if text:
+                view.output(rank, text)
+
+    while True:
+        exited = launch.poll() is not None
+        pump(final=exited)
+        if exited:
+            return
+        elapsed = time.monotonic() - started
+        if plan.timeout is not None and elapsed > plan.timeout:
+            launch.kill()
+            pump(final=True)
+            job.status = "timeout"
+            raise _timeout_error(job, plan.timeout)
+        if (plan.init_timeout is not None and elapsed > plan.init_timeout
+                and any(r.state in ("pending", STARTING) for r in job.ranks)):
+            launch.kill()
+            pump(final=True)
+            job.status = "timeout"
+            raise _init_timeout_error(job, plan.init_timeout)
+        time.sleep(POLL)
+
+
+def _apply(event, job: Job, launch: Launch) -> None:
+    if event.kind != "status":
+        return
+    status = job.ranks[event.rank]
+    status.state = event.data["state"]
+    if "pid" in event.data:
+        status.pid = event.data["pid"]
+        status.host = event.data.get("host")
+        launch.worker_pids[event.rank] = status.pid
+    if "exitcode" in event.data:
+        status.exitcode = event.data["exitcode"]
+    if status.state == DONE:
+        status.exitcode = 0
+
+
+def _timeout_error(job: Job, timeout: float) -> JobTimeoutError:
+    running = [r.rank for r in job.ranks if r.state not in (DONE, FAILED)]
+    lines = "\n".join(
+        f"--- rank {r} ---\n{tail(Path(job.ranks[r].log), 5) or '(no output)'}"
+        for r in running)
+    return JobTimeoutError(
+        f"job {job.id} ran past timeout={timeout:g}s and was killed; ranks still "
+        f"running: {running}. Their last log lines:\n{lines}",
+        timeout=timeout, running_ranks=running)
+
+
+def _init_timeout_error(job: Job, timeout: float) -> InitTimeoutError:
+    missing = [r.rank for r in job.ranks if r.state in ("pending", STARTING)]
+    joined = [r.rank for r in job.ranks if r.rank not in missing]
+    lines = "\n".join(
+        f"--- rank {r} ---\n{tail(Path(job.ranks[r].log), 5) or '(no output)'}"
+        for r in missing)
+    return InitTimeoutError(
+        f"ranks {missing} did not join the process group within init_timeout="
+        f"{timeout:g}s (joined: {joined}); everything was killed. Code that runs before "
+        f"the function (imports of the arguments' modules) or a blocked network "
+        f"rendezvous are the usual causes. Their last log lines:\n{lines}",
+        timeout=timeout, missing_ranks=missing)

@@ -1,0 +1,232 @@
+"""The record of a job — what ran, how each rank ended — and what went wrong, if anything.
+
+A :class:`Job` is kept in memory while the job runs, saved as ``job.json`` in its
+directory at the end, and read back by :func:`nbdist.jobs` / :func:`nbdist.load_result`
+after a kernel restart.
+
+:func:`diagnose` turns the evidence left in the job directory (error records written by
+ranks, exit codes recorded by torchrun's agent, logs) into the one exception the user
+sees: the *root cause*. A rank's own exception outranks a crash reported by the agent,
+which outranks a communication error (usually a peer's death seen from the other side),
+which outranks a rank torchrun terminated while tearing the job down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from nbdist import payload
+from nbdist.errors import (LaunchError, RemoteError, RemoteTraceback,
+                           WorkerCrashedError, add_note)
+from nbdist.jobdir import JobDir, base_dir, check_private, tail, write_json_atomic
+
+LOG_TAIL_LINES = 20
+
+
+@dataclass
+class RankStatus:
+    rank: int
+    state: str = "pending"  # channel states, then "crashed" / "killed"
+    pid: int | None = None
+    host: str | None = None
+    exitcode: int | None = None
+    log: str = ""  # path of the rank's log file
+
+    @property
+    def signal_name(self) -> str | None:
+        return _signal_name(self.exitcode)
+
+
+@dataclass
+class Job:
+    """What nbdist knows about one job. ``nbdist.last_job()`` returns the latest."""
+
+    id: str
+    dir: str
+    nprocs: int
+    backend: str
+    return_all: bool = False
+    status: str = "running"  # running | succeeded | failed | timeout | interrupted
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+    ranks: list[RankStatus] = field(default_factory=list)
+    error: str | None = None  # one line: the exception the caller saw
+    result_loaded: bool = False
+
+    @property
+    def duration(self) -> float:
+        return (self.ended or time.time()) - self.started
+
+    def log(self, rank: int = 0) -> str:
+        """Everything rank ``rank`` printed."""
+        path = Path(self.ranks[rank].log)
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def save(self) -> None:
+        write_json_atomic(JobDir(self.dir).record, asdict(self))
+
+    @classmethod
+    def load(cls, job_dir: str | os.PathLike) -> "Job":
+        data = json.loads(JobDir(job_dir).record.read_text())
+        data["ranks"] = [RankStatus(**r) for r in data["ranks"]]
+        return cls(**data)
+
+    def __repr__(self) -> str:
+        states = ", ".join(f"{r.rank}:{r.state}" for r in self.ranks)
+        return (f"<Job {self.id} {self.status} nprocs={self.nprocs} "
+                f"{self.duration:.1f}s ranks=[{states}] dir={self.dir}>")
+
+
+def jobs() -> list[Job]:
+    """Past jobs with a saved record, oldest first."""
+    found = []
+    for path in sorted(base_dir().iterdir()):
+        if JobDir(path).record.exists():
+            try:
+                found.append(Job.load(path))
+            except (ValueError, TypeError, KeyError):
+                continue  # a record from an incompatible version
+    return found
+
+
+def load_result(job_dir: str | os.PathLike, *, rank: int | None = None):
+    """Load the return value of a finished job, e.g. after a kernel restart.
+
+    Returns rank 0's value, the list of all ranks' values for a ``return_all`` job, or
+    the value of ``rank``. Example::
+
+        job = nbdist.jobs()[-1]
+        state = nbdist.load_result(job.dir)
+    """
+    job_dir = JobDir(job_dir)
+    check_private(job_dir.path)
+    record = Job.load(job_dir.path) if job_dir.record.exists() else None
+    if rank is not None:
+        ranks = [rank]
+    else:
+        ranks = list(range(record.nprocs)) if record and record.return_all else [0]
+    for r in ranks:
+        path = job_dir.result(r)
+        if not path.exists():
+            status = f" (job status: {record.status})" if record else ""
+            raise FileNotFoundError(
+                f"job {job_dir.id} has no result from rank {r}{status}; "
+                f"its logs are in {job_dir.path}")
+        check_private(path)
+    values = [payload.load(job_dir.result(r)) for r in ranks]
+    if record is not None and not record.result_loaded:
+        record.result_loaded = True
+        record.save()
+    return values if rank is None and record and record.return_all else values[0]
+
+
+def _signal_name(exitcode: int | None) -> str | None:
+    if exitcode is None or exitcode >= 0:
+        return None
+    try:
+        return signal.Signals(-exitcode).name
+    except ValueError:
+        return f"signal {-exitcode}"
+
+
+def read_failures(job_dir: JobDir) -> dict[int, dict]:
+    """Per-rank exit codes recorded by torchrun's agent (see ``_agent.py``)."""
+    try:
+        raw = json.loads(job_dir.failures.read_text())
+    except FileNotFoundError:
+        return {}
+    return {int(rank): f for rank, f in raw.items()}
+
+
+def read_error(job_dir: JobDir, rank: int) -> dict | None:
+    try:
+        return pickle.loads(job_dir.error(rank).read_bytes())
+    except FileNotFoundError:
+        return None
+
+
+def diagnose(job: Job, launcher_exitcode: int | None) -> BaseException:
+    """The exception to raise for a failed job: the root cause, peers mentioned."""
+    job_dir = JobDir(job.dir)
+    failures = read_failures(job_dir)
+    for rank, failure in failures.items():
+        if rank < len(job.ranks):
+            job.ranks[rank].exitcode = failure["exitcode"]
+    # (priority, time, rank, error record or None)
+    suspects: list[tuple[int, float, int, dict | None]] = []
+    for status in job.ranks:
+        record = read_error(job_dir, status.rank)
+        if record is not None:
+            suspects.append((2 if record["collective"] else 0, record["time"],
+                             status.rank, record))
+        elif status.rank in failures:
+            failure = failures[status.rank]
+            torn_down = failure["exitcode"] == -signal.SIGTERM
+            status.state = "killed" if torn_down else "crashed"
+            # the agent's timestamp is whole seconds; assume mid-second
+            suspects.append((3 if torn_down else 1, failure["timestamp"] + 0.5,
+                             status.rank, None))
+    if not suspects:
+        return LaunchError(
+            f"torchrun exited with {_describe_exit(launcher_exitcode)} before any rank "
+            f"reported an outcome. Its output:\n{tail(job_dir.launcher_log)}")
+    suspects.sort(key=lambda s: (s[0], s[1]))
+    _, _, rank, record = suspects[0]
+    others = [s for s in suspects[1:] if s[0] < 3]
+    if record is not None:
+        exc = rebuild_exception(record, job)
+    else:
+        exc = _crash_error(job, rank)
+    if others:
+        add_note(exc, "[nbdist] also failed after it: " + "; ".join(
+            f"rank {r} ({rec['type'].rsplit('.', 1)[-1] if rec else _describe_exit(job.ranks[r].exitcode)})"
+            for _, _, r, rec in others))
+    return exc
+
+
+def rebuild_exception(record: dict, job: Job) -> BaseException:
+    """The worker's exception, as its own type, with the remote traceback as cause."""
+    rank = record["rank"]
+    where = f"rank {rank} of {job.nprocs} (host {record['host']}, pid {record['pid']})"
+    exc: BaseException
+    try:
+        exc = pickle.loads(record["exception"]) if record["exception"] else None
+    except Exception:
+        exc = None
+    if exc is None:
+        exc = RemoteError(record["type"], record["message"], rank=rank,
+                          traceback=record["traceback"])
+    exc.__cause__ = RemoteTraceback(
+        f"\n\nTraceback on {where}:\n\"\"\"\n{record['traceback']}\"\"\"")
+    exc.nbdist_rank = rank  # type: ignore[attr-defined]
+    exc.nbdist_traceback = record["traceback"]  # type: ignore[attr-defined]
+    add_note(exc, f"[nbdist] raised on {where}; logs in {job.dir}")
+    return exc
+
+
+def _crash_error(job: Job, rank: int) -> WorkerCrashedError:
+    status = job.ranks[rank]
+    log_tail = tail(Path(status.log), LOG_TAIL_LINES)
+    hint = ""
+    if status.signal_name == "SIGKILL":
+        hint = (" SIGKILL often means the machine ran out of memory (the kernel's OOM "
+                "killer); check `dmesg` or reduce the batch size.")
+    shown = log_tail if log_tail else "(the log is empty)"
+    return WorkerCrashedError(
+        f"rank {rank} died without a Python exception: {_describe_exit(status.exitcode)}."
+        f"{hint}\nLast lines of its log ({status.log}):\n{shown}",
+        rank=rank, exitcode=status.exitcode, signal_name=status.signal_name,
+        log_tail=log_tail)
+
+
+def _describe_exit(exitcode: int | None) -> str:
+    name = _signal_name(exitcode)
+    if name:
+        return f"killed by {name}"
+    return f"exit code {exitcode}"

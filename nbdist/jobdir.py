@@ -1,0 +1,162 @@
+"""The job directory: one private folder per job, shared by the caller and its workers.
+
+::
+
+    $NBDIST_HOME/jobs/<job-id>/        (0700, owned by the user)
+        spec.json          what the workers need to know (written by the caller)
+        payload.pt         fn, args, kwargs (cloudpickle inside torch.save)
+        entry.py           the script torchrun starts on every rank
+        launcher.log       torchrun's own output
+        rank-N.log         everything rank N printed (stdout and stderr, in order)
+        events-rank-N.jsonl  status / progress / metrics of rank N   (channel.py)
+        result-rank-N.pt   rank N's return value (rank 0 only unless return_all)
+        error-rank-N.pkl   rank N's exception record
+        failures.json      per-rank exit codes as torchrun's agent saw them
+        job.json           the final :class:`Job` record
+
+Every file another process reads is written atomically (temp file, fsync, rename),
+so a reader sees either nothing or the whole file, never half of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import stat
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+ENV_HOME = "NBDIST_HOME"
+
+
+def base_dir() -> Path:
+    """The per-user folder holding every job (``$NBDIST_HOME`` or ``~/.cache/nbdist``)."""
+    home = os.environ.get(ENV_HOME)
+    if home:
+        root = Path(home).expanduser()
+    else:
+        cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        root = Path(cache) / "nbdist"
+    jobs = root / "jobs"
+    jobs.mkdir(parents=True, exist_ok=True, mode=0o700)
+    check_private(jobs)
+    return jobs
+
+
+def check_private(path: Path) -> None:
+    """Refuse a path another user owns or can write: loading from it runs their code."""
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise PermissionError(
+            f"{path} belongs to another user (uid {st.st_uid}); nbdist will not load "
+            f"pickles from it. Set {ENV_HOME} to a folder of your own.")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(
+            f"{path} is writable by other users; nbdist will not load pickles from it. "
+            f"Run `chmod go-w {path}` or set {ENV_HOME} to a private folder.")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success fsync and rename it into place."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_bytes_atomic(path, json.dumps(obj, indent=1).encode())
+
+
+class JobDir:
+    """Paths of one job's folder (the caller creates it, the workers fill it)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls) -> "JobDir":
+        jobs = base_dir()
+        job_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+        path = jobs / job_id
+        path.mkdir(mode=0o700)
+        return cls(path)
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    @property
+    def spec(self) -> Path:
+        return self.path / "spec.json"
+
+    @property
+    def payload(self) -> Path:
+        return self.path / "payload.pt"
+
+    @property
+    def entry(self) -> Path:
+        return self.path / "entry.py"
+
+    @property
+    def launcher_log(self) -> Path:
+        return self.path / "launcher.log"
+
+    @property
+    def failures(self) -> Path:
+        return self.path / "failures.json"
+
+    @property
+    def record(self) -> Path:
+        return self.path / "job.json"
+
+    def log(self, rank: int) -> Path:
+        return self.path / f"rank-{rank}.log"
+
+    def events(self, rank: int) -> Path:
+        return self.path / f"events-rank-{rank}.jsonl"
+
+    def result(self, rank: int) -> Path:
+        return self.path / f"result-rank-{rank}.pt"
+
+    def error(self, rank: int) -> Path:
+        return self.path / f"error-rank-{rank}.pkl"
+
+    def read_spec(self) -> dict:
+        return json.loads(self.spec.read_text())
+
+    def __repr__(self) -> str:
+        return f"JobDir({str(self.path)!r})"
+
+
+def tail(path: Path, lines: int = 20, max_bytes: int = 64 * 1024) -> str:
+    """The last ``lines`` lines of a text file (empty if it does not exist)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except FileNotFoundError:
+        return ""
+    text = data.decode("utf-8", errors="replace")
+    return "\n".join(text.splitlines()[-lines:])

@@ -27,7 +27,7 @@ from nbdist import display as displays
 from nbdist import payload
 from nbdist.channel import DONE, FAILED, READY, RUNNING, STARTING, ChannelReader
 from nbdist.errors import InitTimeoutError, InvalidArgumentError, JobTimeoutError
-from nbdist.job import Job, RankStatus, diagnose, load_result
+from nbdist.job import Job, RankStatus, diagnose, read_results
 from nbdist.jobdir import JobDir, tail
 from nbdist.launcher import Launch, entry_script
 
@@ -86,9 +86,10 @@ def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
         if launch.poll() != 0:
             job.status = "failed"
             raise diagnose(job, launch.poll())
-        result = load_result(job_dir.path)
+        values = read_results(job_dir, list(range(plan.nprocs)) if return_all else [0])
         job.status = "succeeded"
-        return result
+        job.result_loaded = True
+        return values if return_all else values[0]
     except KeyboardInterrupt:
         job.status = "interrupted"
         raise

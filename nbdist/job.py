@@ -111,19 +111,24 @@ def load_result(job_dir: str | os.PathLike, *, rank: int | None = None):
         ranks = [rank]
     else:
         ranks = list(range(record.nprocs)) if record and record.return_all else [0]
-    for r in ranks:
-        path = job_dir.result(r)
-        if not path.exists():
-            status = f" (job status: {record.status})" if record else ""
-            raise FileNotFoundError(
-                f"job {job_dir.id} has no result from rank {r}{status}; "
-                f"its logs are in {job_dir.path}")
-        check_private(path)
-    values = [payload.load(job_dir.result(r)) for r in ranks]
+    values = read_results(job_dir, ranks, status=record.status if record else None)
     if record is not None and not record.result_loaded:
         record.result_loaded = True
         record.save()
     return values if rank is None and record and record.return_all else values[0]
+
+
+def read_results(job_dir: JobDir, ranks: list[int], status: str | None = None) -> list:
+    """The saved return values of ``ranks``, checking each file is the user's own."""
+    for r in ranks:
+        path = job_dir.result(r)
+        if not path.exists():
+            why = f" (job status: {status})" if status else ""
+            raise FileNotFoundError(
+                f"job {job_dir.id} has no result from rank {r}{why}; "
+                f"its logs are in {job_dir.path}")
+        check_private(path)
+    return [payload.load(job_dir.result(r)) for r in ranks]
 
 
 def _signal_name(exitcode: int | None) -> str | None:

@@ -1,0 +1,59 @@
+"""Small helpers the tests share: waiting on job state from outside, child scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def job_dirs(home: str) -> list[Path]:
+    jobs = Path(home) / "jobs"
+    return sorted(jobs.iterdir()) if jobs.exists() else []
+
+
+def rank_states(job_dir: Path) -> dict[int, dict]:
+    """Latest status event (state, pid, ...) of each rank of a job, read from its files."""
+    states = {}
+    for path in job_dir.glob("events-rank-*.jsonl"):
+        rank = int(path.stem.split("-")[-1])
+        for line in path.read_text().splitlines():
+            event = json.loads(line)
+            if event["kind"] == "status":
+                states[rank] = {**states.get(rank, {}), **event}
+    return states
+
+
+def wait_for_ranks(home: str, state: str, nprocs: int, timeout: float = 60) -> Path:
+    """Wait until every rank of the newest job reached ``state``; return the job dir."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        dirs = job_dirs(home)
+        if dirs:
+            states = rank_states(dirs[-1])
+            if len(states) == nprocs and all(s["state"] == state for s in states.values()):
+                return dirs[-1]
+        time.sleep(0.05)
+    raise TimeoutError(f"ranks did not reach {state!r} in {timeout}s")
+
+
+def worker_pids(job_dir: Path) -> list[int]:
+    return [s["pid"] for s in rank_states(job_dir).values()]
+
+
+def start_script(code: str, **popen) -> subprocess.Popen:
+    """Run ``code`` as a __main__ script in a child Python, from the repo root."""
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO,
+                            env={**os.environ}, **popen)
+
+
+def run_script(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    proc = start_script(code, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

@@ -25,7 +25,8 @@ from typing import Any
 import cloudpickle
 
 from nbdist import payload, runtime
-from nbdist.channel import DONE, FAILED, READY, RUNNING, STARTING, ChannelWriter
+from nbdist.channel import (DONE, FAILED, JOINING, READY, RUNNING, STARTING,
+                            ChannelWriter)
 from nbdist.errors import add_note
 from nbdist.jobdir import JobDir, write_bytes_atomic
 
@@ -43,6 +44,7 @@ def main(job_dir: str) -> None:
     _start_watchdog(channel, caller=spec["caller_pid"])
     try:
         fn, args, kwargs = _load_payload(job, rank)
+        channel.status(JOINING)
         _init_process_group(spec)
         channel.status(READY)
         channel.status(RUNNING)

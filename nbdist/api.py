@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 from nbdist import display as displays
 from nbdist import payload
-from nbdist.channel import DONE, FAILED, READY, RUNNING, STARTING, ChannelReader
+from nbdist.channel import DONE, FAILED, JOINING, STARTING, ChannelReader
 from nbdist.errors import InitTimeoutError, InvalidArgumentError, JobTimeoutError
 from nbdist.job import Job, RankStatus, diagnose, read_results
 from nbdist.jobdir import JobDir, tail
@@ -33,6 +33,8 @@ from nbdist.launcher import Launch, entry_script
 
 DEFAULT_INIT_TIMEOUT = 300.0
 POLL = 0.05  # seconds between looks at the job while it runs
+
+NOT_JOINED = ("pending", STARTING, JOINING)
 
 _last_job: Job | None = None
 
@@ -283,7 +285,7 @@ def _supervise(launch: Launch, job: Job, plan: Plan, view: displays.Display) -> 
             job.status = "timeout"
             raise _timeout_error(job, plan.timeout)
         if (plan.init_timeout is not None and elapsed > plan.init_timeout
-                and any(r.state in ("pending", STARTING) for r in job.ranks)):
+                and any(r.state in NOT_JOINED for r in job.ranks)):
             launch.kill()
             pump(final=True)
             job.status = "timeout"
@@ -318,7 +320,9 @@ def _timeout_error(job: Job, timeout: float) -> JobTimeoutError:
 
 
 def _init_timeout_error(job: Job, timeout: float) -> InitTimeoutError:
-    missing = [r.rank for r in job.ranks if r.state in ("pending", STARTING)]
+    # the ranks that never reached init_process_group, else those stuck inside it
+    missing = ([r.rank for r in job.ranks if r.state in ("pending", STARTING)]
+               or [r.rank for r in job.ranks if r.state in NOT_JOINED])
     joined = [r.rank for r in job.ranks if r.rank not in missing]
     lines = "\n".join(
         f"--- rank {r} ---\n{tail(Path(job.ranks[r].log), 5) or '(no output)'}"

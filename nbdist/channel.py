@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Rank states, in the order a healthy rank goes through them.
-STARTING, READY, RUNNING, DONE, FAILED = "starting", "ready", "running", "done", "failed"
+# Rank states, in the order a healthy rank goes through them: started, payload loaded
+# and waiting in init_process_group, process group formed, running fn, finished.
+STARTING, JOINING, READY, RUNNING = "starting", "joining", "ready", "running"
+DONE, FAILED = "done", "failed"
 
 
 @dataclass

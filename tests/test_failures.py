@@ -1,0 +1,250 @@
+"""Everything that can go wrong in a job, each with the error the user must see.
+
+One table of faults injected for real (exceptions, signals, hangs, killed parents);
+each row: what the ranks do, the exception expected, what it must say, a time bound.
+The autouse fixture in conftest.py fails any test that leaves a process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+import types
+import _thread
+
+import psutil
+import pytest
+import torch
+import torch.distributed as dist
+
+import nbdist
+from conftest import wait_gone
+from helpers import job_dirs, start_script, wait_for_ranks, worker_pids
+from nbdist.job import read_error
+from nbdist.jobdir import JobDir
+
+
+class CustomError(Exception):
+    def __init__(self, message, code=0):
+        super().__init__(message)
+        self.code = code
+
+
+class UnpicklableError(Exception):
+    def __init__(self, a, b):  # pickle calls cls(*args) with one arg: cannot rebuild
+        super().__init__(f"{a} and {b}")
+
+
+def fail_on_rank1_while_rank0_waits(exc):
+    dist.barrier()
+    if nbdist.rank() == 1:
+        time.sleep(0.5)
+        raise exc
+    dist.all_reduce(torch.ones(1))  # rank 0 is stuck here when rank 1 dies
+
+
+def raise_unpicklable():
+    if nbdist.rank() == 1:
+        raise UnpicklableError("x", "y")
+    time.sleep(60)
+
+
+def kill_self(sig):
+    if nbdist.rank() == 1:
+        print("about to be killed", flush=True)
+        os.kill(os.getpid(), sig)
+    time.sleep(60)
+
+
+def exit_hard(code):
+    if nbdist.rank() == 0:
+        print("leaving without a word", flush=True)
+        os._exit(code)
+    time.sleep(60)
+
+
+def two_failures():
+    dist.barrier()
+    if nbdist.rank() == 1:
+        raise KeyError("first")
+    time.sleep(0.02)
+    raise RuntimeError("second")
+
+
+def sleep_forever():
+    print(f"rank {nbdist.rank()} sleeping", flush=True)
+    time.sleep(600)
+
+
+def return_generator():
+    return (i for i in range(3))
+
+
+def noop():
+    return "ok"
+
+
+class SlowToUnpickleOnRank1:
+    """Stalls rank 1 before it can join the process group."""
+
+    def __reduce__(self):
+        return (_stall_on_rank1, ())
+
+
+def _stall_on_rank1():
+    if os.environ.get("RANK") == "1":
+        time.sleep(600)
+    return None
+
+
+def _ghost_value():
+    """An object whose class lives in a module the workers cannot import."""
+    module = types.ModuleType("ghost_module")
+    exec("class Ghost:\n    pass\n", module.__dict__)
+    sys.modules["ghost_module"] = module
+    return module.Ghost()
+
+
+FAULTS = {
+    # id: (fn, args, run_distributed kwargs, expected type, text in message, rank, bound s)
+    "exception-peer-in-collective": (
+        fail_on_rank1_while_rank0_waits, (ValueError("bad value"),), {},
+        ValueError, "bad value", 1, 5),
+    "custom-exception-class": (
+        fail_on_rank1_while_rank0_waits, (CustomError("custom", code=7),), {},
+        CustomError, "custom", 1, 5),
+    "exception-that-cannot-come-back": (
+        raise_unpicklable, (), {}, nbdist.RemoteError, "UnpicklableError", 1, 5),
+    "sigkill": (kill_self, (signal.SIGKILL,), {},
+                nbdist.WorkerCrashedError, "SIGKILL", 1, 5),
+    "sigsegv": (kill_self, (signal.SIGSEGV,), {},
+                nbdist.WorkerCrashedError, "SIGSEGV", 1, 5),
+    "os-exit": (exit_hard, (3,), {}, nbdist.WorkerCrashedError, "exit code 3", 0, 5),
+    "two-ranks-fail": (two_failures, (), {}, KeyError, "first", 1, 5),
+    "timeout": (sleep_forever, (), {"timeout": 8}, nbdist.JobTimeoutError,
+                "rank 1 sleeping", None, 3),
+    "init-hang": (lambda x: None, (SlowToUnpickleOnRank1(),), {"init_timeout": 8},
+                  nbdist.InitTimeoutError, "ranks [1] did not join", None, 3),
+    "module-missing-on-workers": (lambda x: None, ("ghost",), {},
+                                  ModuleNotFoundError, "ghost_module", None, 5),
+    "unpicklable-result": (return_generator, (), {}, nbdist.PicklingError,
+                           "generator", 0, 5),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_fault(fault, capfd):
+    fn, args, options, expected, text, rank, bound = FAULTS[fault]
+    if fault == "module-missing-on-workers":
+        args = (_ghost_value(),)
+    started = time.time()
+    with pytest.raises(expected) as info:
+        nbdist.run_distributed(fn, *args, nprocs=2, display="none", **options)
+    ended = time.time()
+    exc = info.value
+    message = str(exc) + "\n".join(getattr(exc, "__notes__", []))
+    assert text in message, message
+    if rank is not None:
+        assert getattr(exc, "rank", getattr(exc, "nbdist_rank", None)) == rank
+        record = read_error(JobDir(nbdist.last_job().dir), rank)
+        if record is not None:  # an exception: bound from the raise to the caller's error
+            assert ended - record["time"] <= bound
+    if "timeout" in options:
+        assert options["timeout"] <= ended - started <= options["timeout"] + bound
+    if "init_timeout" in options:
+        assert exc.missing_ranks == [1]
+        assert options["init_timeout"] <= ended - started <= options["init_timeout"] + bound
+    if fault == "custom-exception-class":
+        assert type(exc) is CustomError and exc.code == 7
+    if fault in ("exception-peer-in-collective", "custom-exception-class"):
+        assert "fail_on_rank1_while_rank0_waits" in str(exc.__cause__)  # remote traceback
+        assert any("rank 1 of 2" in note for note in exc.__notes__)
+    if fault == "exception-that-cannot-come-back":
+        assert exc.type_name.endswith("UnpicklableError") and "x and y" in str(exc)
+    if isinstance(exc, nbdist.WorkerCrashedError):
+        assert exc.log_tail.strip().endswith(("about to be killed", "leaving without a word"))
+    if fault == "two-ranks-fail" and read_error(JobDir(nbdist.last_job().dir), 0):
+        assert any("rank 0" in note for note in exc.__notes__)
+    if fault == "module-missing-on-workers":
+        assert "while loading the job's function and arguments" in message
+    if fault == "timeout":
+        assert exc.running_ranks == [0, 1]
+    job = nbdist.last_job()
+    assert job.status in ("failed", "timeout")
+    assert os.path.isdir(job.dir)  # logs are kept
+
+
+def test_bad_arguments_are_refused_before_anything_starts(nbdist_home):
+    import threading as th
+
+    with pytest.raises(nbdist.PicklingError, match=r"keyword argument 'lock'.*lock") as info:
+        nbdist.run_distributed(noop, 1, lock=th.Lock(), nprocs=2)
+    assert info.value.name == "keyword argument 'lock'"
+    with pytest.raises(nbdist.PicklingError, match=r"argument 0"):
+        nbdist.run_distributed(noop, th.Lock(), nprocs=2)
+    with pytest.raises(nbdist.InvalidArgumentError, match=r"nprocs=2"):
+        nbdist.run_distributed(noop, gpus=2)
+    with pytest.raises(nbdist.InvalidArgumentError, match="positive integer"):
+        nbdist.run_distributed(noop, nprocs=0)
+    with pytest.raises(nbdist.InvalidArgumentError, match="needs a function"):
+        nbdist.run_distributed("train.py", nprocs=2)
+    with pytest.raises(nbdist.InvalidArgumentError, match="needs GPUs"):
+        nbdist.run_distributed(noop, nprocs=2, backend="nccl")
+    with pytest.raises(nbdist.InvalidArgumentError, match="timeout"):
+        nbdist.run_distributed(noop, nprocs=2, timeout=-1)
+    # none of these started a job
+    assert all(not (d / "entry.py").exists() for d in job_dirs(nbdist_home))
+
+
+def _interrupt_when_running(home):
+    wait_for_ranks(home, "running", 2)
+    _thread.interrupt_main()
+
+
+def test_interrupt_kills_everything_fast_and_next_run_works(nbdist_home):
+    threading.Thread(target=_interrupt_when_running, args=(nbdist_home,),
+                     daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        nbdist.run_distributed(sleep_forever, nprocs=2, display="none")
+    interrupted = time.monotonic()
+    pids = worker_pids(job_dirs(nbdist_home)[-1])
+    assert len(pids) == 2
+    assert wait_gone(pids, 5) + (time.monotonic() - interrupted) <= 2.0
+    assert nbdist.last_job().status == "interrupted"
+    assert nbdist.run_distributed(noop, nprocs=2, display="none") == "ok"
+
+
+def test_killed_caller_takes_its_workers_along(nbdist_home):
+    caller = start_script("""
+        import time, nbdist
+        def sleep():
+            time.sleep(600)
+        nbdist.run_distributed(sleep, nprocs=2)
+    """)
+    try:
+        job_dir = wait_for_ranks(nbdist_home, "running", 2)
+        pids = worker_pids(job_dir)
+        caller.kill()
+        caller.wait()
+        assert wait_gone(pids, 10) < 10
+    finally:
+        caller.kill()
+        caller.wait()
+
+
+def _kill_agent_when_running(home):
+    wait_for_ranks(home, "running", 2)
+    agent = [p for p in psutil.Process().children()
+             if "nbdist._agent" in " ".join(p.cmdline())]
+    agent[0].kill()
+
+
+def test_killed_torchrun_is_an_error_and_leaves_no_worker(nbdist_home):
+    threading.Thread(target=_kill_agent_when_running, args=(nbdist_home,),
+                     daemon=True).start()
+    with pytest.raises(nbdist.LaunchError, match="SIGKILL"):
+        nbdist.run_distributed(sleep_forever, nprocs=2, display="none")
+    assert wait_gone(worker_pids(job_dirs(nbdist_home)[-1]), 2) < 2

@@ -105,7 +105,10 @@ def _save_result(job: JobDir, rank: int, result: Any) -> None:
 def _record_error(job: JobDir, rank: int, exc: BaseException) -> None:
     import torch.distributed as dist
 
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    frames = exc.__traceback__
+    if frames is not None and frames.tb_frame.f_code is main.__code__:
+        frames = frames.tb_next  # start the traceback in the user's code, not ours
+    tb = "".join(traceback.format_exception(type(exc), exc, frames))
     if rank != 0:  # rank 0's log is streamed to the caller, which re-raises it anyway
         print(tb, file=sys.stderr, flush=True)
     try:

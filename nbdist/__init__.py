@@ -13,6 +13,7 @@ from nbdist.errors import (InitTimeoutError, InvalidArgumentError, JobTimeoutErr
                            LaunchError, NbdistError, PicklingError, RemoteError,
                            WorkerCrashedError)
 from nbdist.job import Job, jobs, load_result
+from nbdist.magic import load_ipython_extension  # imports IPython only when called
 from nbdist.runtime import (barrier, device, is_main, local_rank, rank, rank0_first,
                             report, track, world_size)
 

@@ -1,0 +1,525 @@
+"""``%%distributed`` (alias ``%%nbdist``): run a notebook cell on every rank of a DDP job.
+
+::
+
+    %load_ext nbdist
+
+    %%distributed --nprocs 2
+    model = DDP(Net().to(device))      # Net, data, ... come from the notebook
+    ...
+    state = model.module.state_dict()  # and ``state`` is in the notebook afterwards
+
+A thin layer on :func:`nbdist.run_distributed`; the function it ships is
+:func:`_run_cell`::
+
+    kernel                                          every rank
+    ──────                                          ──────────
+    options → run_distributed's arguments
+      (bad ones: UsageError, nothing started)
+    the cell's names (ast): read / assigned
+    capture the notebook globals it reads  ─payload─▶ _run_cell: namespace = those globals
+                                                        + rank, device, track, ...
+                                                      exec the cell as <nbdist-cell In[N]>
+                                                      rank 0: the assigned names, on the
+                                                        CPU, each probed for pickling
+    names into the notebook, warn skipped  ◀─result─
+    or the rank's exception, shown with the cell's own traceback
+
+This module is imported by ``import nbdist`` (for ``load_ipython_extension``) and by
+every rank (for ``_run_cell``), so it imports neither IPython nor torch at the top.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import functools
+import keyword
+import linecache
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import cloudpickle
+
+from nbdist import api, payload, runtime
+from nbdist.errors import InvalidArgumentError, NbdistError, PicklingError
+
+MAGIC_NAMES = ("distributed", "nbdist")  # "distributed" alone clashes with other packages
+
+# Given to every rank's namespace; never captured from the notebook, never sent back.
+PREDEFINED = ("rank", "local_rank", "world_size", "device",
+              "track", "report", "barrier", "is_main", "rank0_first")
+
+# _, __, ___, _i, _ii, _iii, _iN, _N, _ih, _oh, _dh: IPython's output/input history
+_IPYTHON_MANAGED = re.compile(r"_{1,3}|_i{1,3}|_i?\d+|_[iod]h")
+
+_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef,
+           ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+_FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+_TRIES = (ast.Try, getattr(ast, "TryStar", ast.Try))
+
+
+@dataclass(frozen=True)
+class Cell:
+    """What every rank needs to run the cell (travels in the payload)."""
+
+    body: str
+    filename: str  # "<nbdist-cell In[N]>": what tracebacks show
+    text: str  # the whole cell, magic line included, so line numbers match the notebook
+    outputs: tuple[str, ...]  # the names rank 0 sends back
+    explicit: bool = False  # outputs came from --out: a missing one is worth a warning
+    sources: dict[str, list[str]] = field(default_factory=dict)  # notebook cells' lines
+
+    def compile(self):
+        return compile_body(self.body, self.filename)
+
+
+def compile_body(body: str, filename: str):
+    """Compile the cell's body with line numbers as the notebook shows them."""
+    # the leading newline stands for the magic line; dont_inherit keeps this
+    # module's ``from __future__`` flags out of the user's code
+    return compile("\n" + body, filename, "exec", dont_inherit=True)
+
+
+# --------------------------------------------------------------------- on every rank
+
+def _run_cell(cell: Cell, captured: dict[str, Any]) -> dict[str, dict] | None:
+    """Run the cell in a fresh namespace; on rank 0, return what goes back."""
+    _register_source(cell.filename, cell.text.splitlines(True))
+    for filename, lines in cell.sources.items():  # so frames of notebook functions show code
+        _register_source(filename, lines)
+    namespace = {"__name__": "__main__", "__builtins__": builtins, **captured,
+                 **predefined()}
+    exec(cell.compile(), namespace)
+    if not runtime.is_main():
+        return None
+    return _collect(namespace, cell)
+
+
+def predefined() -> dict[str, Any]:
+    """The names every rank's namespace starts with: values, not functions, for the
+    ranks and the device."""
+    return {
+        "rank": runtime.rank(), "local_rank": runtime.local_rank(),
+        "world_size": runtime.world_size(), "device": runtime.device(),
+        "track": runtime.track, "report": runtime.report, "barrier": runtime.barrier,
+        "is_main": runtime.is_main, "rank0_first": runtime.rank0_first,
+    }
+
+
+def _collect(namespace: dict[str, Any], cell: Cell) -> dict[str, dict]:
+    """The output names' values (CPU, DDP unwrapped), and why any was left out.
+
+    Each value is probed on its own, so one that cannot be pickled costs only itself.
+    """
+    values: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    for name in cell.outputs:
+        if name not in namespace:
+            if cell.explicit:
+                skipped[name] = "it is not defined on rank 0 after the cell"
+            continue
+        value = payload.to_cpu(namespace[name])
+        problem = _pickle_problem(value)
+        if problem is None:
+            values[name] = value
+        else:
+            skipped[name] = f"a {type(value).__name__} cannot be pickled ({problem})"
+    return {"values": values, "skipped": skipped}
+
+
+def _pickle_problem(value: Any) -> str | None:
+    try:
+        _probe_pickler()(_Discard()).dump(value)
+    except Exception as exc:  # pickling can raise nearly anything
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+class _Discard:
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+@functools.cache
+def _probe_pickler() -> type:
+    import torch
+
+    class ProbePickler(cloudpickle.Pickler):
+        """Pickles into nothing; tensor data is skipped (torch.save stores it raw)."""
+
+        def persistent_id(self, obj: Any) -> Any:
+            if torch.is_storage(obj) or isinstance(obj, torch.storage.TypedStorage):
+                return id(obj)
+            return None
+
+    return ProbePickler
+
+
+def _register_source(filename: str, lines: list[str]) -> None:
+    # mtime None: linecache.checkcache never evicts it (as IPython does for its cells)
+    linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
+
+
+# ------------------------------------------------------------ what a cell reads/binds
+
+@dataclass
+class _Uses:
+    reads: dict[str, None] = field(default_factory=dict)  # ordered sets
+    binds: dict[str, None] = field(default_factory=dict)
+    declared: set[str] = field(default_factory=set)  # global / nonlocal
+
+
+def names_read(source: str) -> list[str]:
+    """Names the cell may look up in the notebook: read before the cell binds them.
+
+    Errs on the side of reading more (a name bound in only one branch of an ``if``
+    still counts as read afterwards): shipping a value the cell overwrites costs a
+    little time; not shipping one it needs would be a NameError on every rank.
+    """
+    return list(_free_in_block(ast.parse(source).body, set()))
+
+
+def names_assigned(source: str) -> list[str]:
+    """Names the cell binds at its top level (``global`` ones in its functions too)."""
+    tree = ast.parse(source)
+    names = dict(_scan(tree.body).binds)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Global):
+            names.update(dict.fromkeys(node.names))
+    return list(names)
+
+
+def _free_in_block(stmts: list[ast.stmt], bound: set[str]) -> dict[str, None]:
+    """Names ``stmts`` read that are not certainly bound by then; adds what they bind
+    for certain to ``bound``."""
+    free: dict[str, None] = {}
+
+    def read(uses: _Uses) -> None:
+        free.update((n, None) for n in uses.reads if n not in bound)
+
+    for stmt in stmts:
+        if isinstance(stmt, (ast.For, ast.AsyncFor)):
+            read(_scan([stmt.iter, stmt.target]))
+            inner = bound | set(_scan([stmt.target]).binds)
+            free.update(_free_in_block(stmt.body, set(inner)))
+            free.update(_free_in_block(stmt.orelse, set(inner)))
+        elif isinstance(stmt, (ast.With, ast.AsyncWith)):
+            items = _scan(stmt.items)
+            read(items)
+            bound |= set(items.binds)
+            # the body runs to its end or the cell fails: what it binds stays bound
+            free.update(_free_in_block(stmt.body, bound))
+        elif isinstance(stmt, (ast.If, ast.While)):
+            read(_scan([stmt.test]))
+            for block in (stmt.body, stmt.orelse):
+                free.update(_free_in_block(block, set(bound)))
+        elif isinstance(stmt, _TRIES):
+            for handler in stmt.handlers:
+                read(_scan([handler.type] if handler.type else []))
+            for block in (stmt.body, *(h.body for h in stmt.handlers), stmt.orelse,
+                          stmt.finalbody):
+                free.update(_free_in_block(block, set(bound)))
+        elif isinstance(stmt, ast.Match):
+            read(_scan([stmt.subject]))
+            for case in stmt.cases:
+                header = _scan([case.pattern] + ([case.guard] if case.guard else []))
+                read(header)
+                free.update(_free_in_block(case.body, bound | set(header.binds)))
+        else:
+            uses = _scan([stmt])
+            read(uses)
+            bound |= set(uses.binds)
+    return free
+
+
+def _scan(nodes: Iterable[ast.AST], uses: _Uses | None = None) -> _Uses:
+    """Names read and bound by ``nodes`` in their own scope. A nested scope (def,
+    lambda, class, comprehension) contributes the names it looks up outside itself."""
+    uses = uses if uses is not None else _Uses()
+    for node in nodes:
+        _visit(node, uses)
+    return uses
+
+
+def _visit(node: ast.AST, uses: _Uses) -> None:
+    if isinstance(node, _SCOPES):
+        _scan(_evaluated_outside(node), uses)
+        uses.reads.update(dict.fromkeys(_free_names(node)))
+        if hasattr(node, "name"):
+            uses.binds[node.name] = None
+        return
+    if isinstance(node, ast.Name):
+        (uses.binds if isinstance(node.ctx, ast.Store) else uses.reads)[node.id] = None
+    elif isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
+        uses.reads[node.target.id] = None  # x += 1 reads x first
+    elif isinstance(node, (ast.Global, ast.Nonlocal)):
+        uses.declared.update(node.names)
+    elif isinstance(node, (ast.Import, ast.ImportFrom)):
+        for alias in node.names:
+            if alias.name != "*":
+                uses.binds[alias.asname or alias.name.partition(".")[0]] = None
+    elif isinstance(node, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and node.name:
+        uses.binds[node.name] = None
+    elif isinstance(node, ast.MatchMapping) and node.rest:
+        uses.binds[node.rest] = None
+    for child in ast.iter_child_nodes(node):
+        _visit(child, uses)
+
+
+def _evaluated_outside(scope: ast.AST) -> list[ast.AST]:
+    """Parts of a scope's header that run in the enclosing scope (decorators, defaults)."""
+    if isinstance(scope, ast.ClassDef):
+        return [*scope.decorator_list, *scope.bases, *scope.keywords]
+    if isinstance(scope, _FUNCTIONS):
+        args = scope.args
+        parts = [*args.defaults, *(d for d in args.kw_defaults if d is not None)]
+        if not isinstance(scope, ast.Lambda):
+            every = [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg,
+                     args.kwarg]
+            parts += scope.decorator_list
+            parts += [a.annotation for a in every if a is not None and a.annotation]
+            parts += [scope.returns] if scope.returns else []
+        return parts
+    return [scope.generators[0].iter]  # a comprehension
+
+
+def _free_names(scope: ast.AST) -> list[str]:
+    """Names a nested scope looks up outside itself."""
+    inner = _Uses()
+    params: set[str] = set()
+    if isinstance(scope, _FUNCTIONS):
+        args = scope.args
+        params = {a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs,
+                                  args.vararg, args.kwarg) if a is not None}
+        _scan(scope.body if isinstance(scope.body, list) else [scope.body], inner)
+    elif isinstance(scope, ast.ClassDef):
+        _scan(scope.body, inner)
+        # a class body's own names are invisible to its methods; count them all as reads
+        return list(inner.reads)
+    else:
+        results = [scope.key, scope.value] if isinstance(scope, ast.DictComp) else [scope.elt]
+        gens = scope.generators
+        _scan([*results, *(g.target for g in gens), *(i for g in gens for i in g.ifs),
+               *(g.iter for g in gens[1:])], inner)
+    local = (params | set(inner.binds)) - inner.declared
+    return [name for name in inner.reads if name not in local]
+
+
+# ----------------------------------------------------------------------- in the kernel
+
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext nbdist``: register ``%%distributed`` and its alias ``%%nbdist``."""
+    magic = _make_magic(ipython)
+    for name in MAGIC_NAMES:
+        ipython.register_magic_function(magic, "cell", name)
+
+
+def _make_magic(shell):
+    # IPython is imported here, when the extension loads, not by ``import nbdist``
+    from IPython.core.error import UsageError
+    from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+    @magic_arguments("%distributed")  # IPython's usage line adds the other %
+    @argument("--nprocs", type=int, metavar="N",
+              help="number of processes (default: one per GPU, or 2 on the CPU)")
+    @argument("--gpus", metavar="2|0,1",
+              help="a GPU count or device ids; one process per GPU, nccl backend")
+    @argument("--backend", help="process group backend (default: nccl on GPUs, else gloo)")
+    @argument("--timeout", type=float, metavar="SECONDS",
+              help="kill every rank and raise JobTimeoutError past this many seconds")
+    @argument("--out", metavar="a,b",
+              help="only these names come back (default: every name the cell assigns)")
+    @argument("--all-ranks", action="store_true",
+              help="stream every rank's output, prefixed [rank N] (default: rank 0's)")
+    @argument("--quiet", action="store_true", help="no live output")
+    def distributed(line: str, cell: str) -> None:
+        """Run this cell on every rank of a DDP job; the names it assigns come back.
+
+        The notebook variables the cell reads are sent along; ``rank``,
+        ``local_rank``, ``world_size``, ``device`` and nbdist's ``track``, ``report``,
+        ``barrier``, ``is_main``, ``rank0_first`` are predefined. Names the cell
+        assigns come back from rank 0 (tensors on the CPU, DDP unwrapped)::
+
+            %%distributed --nprocs 2
+            model = DDP(Net().to(device))
+            for epoch in track(range(3), desc="epoch"):
+                ...
+            state = model.module.state_dict()
+        """
+        usage = "usage: " + distributed.parser.format_usage().removeprefix("::\n\n  ")
+        try:
+            args = parse_argstring(distributed, line)
+        except (UsageError, ValueError) as exc:  # ValueError: an unclosed quote
+            raise UsageError(f"{usage}%%distributed: {exc}") from None
+        run_magic(shell, args, line, cell, usage=usage)
+
+    return distributed
+
+
+def run_magic(shell, args, line: str, body: str, *, usage: str = "") -> None:
+    """The magic's work, once its options are parsed (``args``)."""
+    from IPython.core.error import UsageError
+
+    options = {
+        "nprocs": args.nprocs, "gpus": args.gpus, "backend": args.backend,
+        "timeout": args.timeout, "display": "none" if args.quiet else "auto",
+        "all_ranks": args.all_ranks,
+    }
+    try:
+        api.plan_job(_run_cell, init_timeout=api.DEFAULT_INIT_TIMEOUT,
+                     **{k: options[k] for k in ("nprocs", "gpus", "backend", "timeout")})
+    except InvalidArgumentError as exc:
+        raise UsageError(f"{usage}%%distributed: {exc}") from None
+    outputs = _parse_out(args.out, usage) if args.out is not None else None
+    if not body.strip():
+        raise UsageError(f"{usage}%%distributed: the cell is empty; write the code to "
+                         f"run on every rank below the magic line")
+
+    filename = f"<nbdist-cell In[{shell.execution_count}]>"
+    text = f"%%{MAGIC_NAMES[0]} {line}".rstrip() + "\n" + body
+    _register_source(filename, text.splitlines(True))  # for SyntaxErrors and cell functions
+    compile_body(body, filename)  # a SyntaxError shows here, before anything starts
+    explicit = outputs is not None
+    if outputs is None:
+        outputs = [n for n in names_assigned(body)
+                   if n not in PREDEFINED and not _IPYTHON_MANAGED.fullmatch(n)]
+    captured = capture(shell, names_read(body))
+    cell = Cell(body=body, filename=filename, text=text, outputs=tuple(outputs),
+                explicit=explicit, sources=_notebook_sources(shell))
+
+    try:
+        result = api.run_distributed(_run_cell, cell, captured, **options)
+    except PicklingError as exc:
+        if hasattr(exc, "nbdist_rank"):  # raised on a rank: the cell's own doing
+            exc._render_traceback_ = _Rendered(_remote_lines(exc, shell))
+            raise
+        raise _unpicklable_global(captured, exc) from None
+    except KeyboardInterrupt as exc:
+        job = api.last_job()
+        exc._render_traceback_ = _Rendered([
+            "KeyboardInterrupt: the %%distributed cell was interrupted; every rank was "
+            f"stopped" + (f" (logs in {job.dir})" if job else "")])
+        raise
+    except BaseException as exc:
+        if hasattr(exc, "nbdist_rank"):
+            exc._render_traceback_ = _Rendered(_remote_lines(exc, shell))
+        elif isinstance(exc, NbdistError):  # timeouts, crashes: the message says it all
+            exc._render_traceback_ = _Rendered(_local_lines(exc))
+        raise
+
+    shell.user_ns.update(result["values"])
+    for name, why in result["skipped"].items():
+        print(f"[nbdist] {name!r} did not come back: {why}. The other names did; return "
+              f"plain data (tensors, state_dicts, numbers) or pick names with --out.",
+              file=sys.stderr)
+    if result["values"] and not args.quiet:
+        print(f"[nbdist] from rank 0: {', '.join(result['values'])}")
+
+
+def capture(shell, names: Iterable[str]) -> dict[str, Any]:
+    """The notebook's values of ``names``, leaving out IPython's own and the predefined."""
+    hidden = shell.user_ns_hidden
+    missing = object()
+    captured = {}
+    for name in names:
+        value = shell.user_ns.get(name, missing)
+        if (value is missing or name in PREDEFINED or _IPYTHON_MANAGED.fullmatch(name)
+                or hidden.get(name, missing) is value
+                or (name.startswith("__") and name.endswith("__"))):
+            continue
+        captured[name] = value
+    return captured
+
+
+def _parse_out(text: str, usage: str) -> list[str]:
+    from IPython.core.error import UsageError
+
+    names = [n.strip() for n in text.strip("'\"").split(",") if n.strip()]
+    bad = [n for n in names if not n.isidentifier() or keyword.iskeyword(n)]
+    if bad or not names:
+        raise UsageError(f"{usage}%%distributed: --out takes variable names separated "
+                         f"by commas (--out state,losses), got {text!r}")
+    return names
+
+
+def _notebook_sources(shell) -> dict[str, list[str]]:
+    """Source lines of the notebook's cells, for tracebacks through notebook functions.
+
+    IPython keeps them in ``linecache`` under names only it knows; the ranks get them
+    so a frame in a function defined in the notebook shows its line."""
+    return {name: entry[2] for name, entry in list(linecache.cache.items())
+            if len(entry) == 4 and entry[1] is None
+            and shell.compile.format_code_name(name) is not None}
+
+
+def _unpicklable_global(captured: dict[str, Any], cause: PicklingError) -> PicklingError:
+    culprit = payload.find_unpicklable(captured.items())
+    if culprit is None:
+        return cause
+    name, value, exc = culprit
+    error = PicklingError(
+        f"the notebook variable {name} (a {type(value).__name__}) cannot be sent to the "
+        f"ranks: {type(exc).__name__}: {exc}. Create it inside the cell instead (every "
+        f"rank then makes its own), or send what it is built from. Nothing was started.",
+        name=name.split(" ")[0])
+    error._render_traceback_ = _Rendered(_local_lines(error))
+    return error
+
+
+class _Rendered:
+    """What IPython shows for an exception instead of its local traceback (IPython
+    calls ``exc._render_traceback_()``)."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = lines
+
+    def __call__(self) -> list[str]:
+        return list(self.lines)
+
+
+def _local_lines(exc: BaseException) -> list[str]:
+    return [f"{type(exc).__name__}: {exc}", *getattr(exc, "__notes__", ())]
+
+
+def _remote_lines(exc: BaseException, shell) -> list[str]:
+    """The rank's traceback from the cell's first line down, then nbdist's notes."""
+    rank = exc.nbdist_rank  # type: ignore[attr-defined]
+    text = _from_the_cell(exc.nbdist_traceback)  # type: ignore[attr-defined]
+    lines = []
+    for line in text.rstrip("\n").split("\n"):
+        if line == "Traceback (most recent call last):":
+            line = f"Traceback on rank {rank} (most recent call last):"
+        lines.append(_name_notebook_cell(line, shell))
+    lines += [n for n in getattr(exc, "__notes__", ()) if n.startswith("[nbdist]")
+              and n not in text]
+    return lines
+
+
+_FRAME = re.compile(r'  File "(?P<file>[^"]+)", line (?P<line>\d+)')
+_CELL_FRAME = re.compile(r'  File "<nbdist-cell In\[\d+\]>"')
+
+
+def _from_the_cell(tb: str) -> str:
+    """Drop the frames above the cell's (nbdist's worker) from each traceback section."""
+    sections = re.split(r"(?m)^(?=Traceback \(most recent call last\):$)", tb)
+    kept = []
+    for section in sections:
+        lines = section.split("\n")
+        first = next((i for i, l in enumerate(lines) if _CELL_FRAME.match(l)), None)
+        if lines[0].startswith("Traceback") and first is not None:
+            lines = lines[:1] + lines[first:]
+        kept.append("\n".join(lines))
+    return "".join(kept)
+
+
+def _name_notebook_cell(line: str, shell) -> str:
+    """``File "/tmp/ipykernel_1/2.py", line 3`` → ``Cell In[4], line 3``, as IPython says."""
+    match = _FRAME.match(line)
+    if match:
+        named = shell.compile.format_code_name(match["file"])
+        if named is not None:
+            return f"  {named[0]} {named[1]}, line {match['line']}{line[match.end():]}"
+    return line

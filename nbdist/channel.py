@@ -10,6 +10,7 @@ Status changes and final values are written unthrottled (never lost); progress f
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import time
@@ -67,7 +68,7 @@ class ChannelReader:
         self._offsets = {rank: 0 for rank in paths}
 
     def poll(self) -> list[Event]:
-        events: list[Event] = []
+        per_rank: list[list[Event]] = []
         for rank, path in self._paths.items():
             try:
                 with open(path, "rb") as f:
@@ -77,11 +78,14 @@ class ChannelReader:
                 continue
             end = data.rfind(b"\n") + 1  # keep a partly written line for next time
             self._offsets[rank] += end
+            events: list[Event] = []
+            per_rank.append(events)
             for line in data[:end].splitlines():
                 try:
                     obj = json.loads(line)
                 except ValueError:
                     continue
                 events.append(Event(rank, obj.pop("kind"), obj.pop("time"), obj))
-        events.sort(key=lambda e: e.time)
-        return events
+        # interleave ranks by time, but never reorder one rank's events: its clock may
+        # step backwards (NTP), its file order may not
+        return list(heapq.merge(*per_rank, key=lambda e: e.time))

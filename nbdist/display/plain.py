@@ -1,7 +1,13 @@
 """Plain text display, for pipes, CI logs and anything without widgets or a TTY.
 
 Rank 0's output is copied through unchanged; with ``all_ranks`` every rank's lines
-are prefixed ``[rank N]``. nbdist's own lines start with ``[nbdist]``.
+are prefixed ``[rank N]``. nbdist's own lines start with ``[nbdist]``: a rank's
+progress and metrics at most every ``PROGRESS_EVERY`` seconds (and when a loop that
+was reported mid-way ends), a line when a rank fails, and a summary at the end::
+
+    [nbdist] rank 0 running  epoch 2/3 › train 45/100 (45%) 12.3 it/s ETA 0:05  loss=0.31
+    [nbdist] rank 1 failed  ValueError, exit code 1
+    [nbdist] job 1a2b failed in 0:07 (2 ranks; logs: ~/.cache/nbdist/jobs/1a2b)
 """
 
 from __future__ import annotations
@@ -11,12 +17,13 @@ import time
 from typing import TYPE_CHECKING, Callable, TextIO
 
 from nbdist.display.base import Display
+from nbdist.display.state import BAD_STATES, JobView, describe_failure, format_metrics
 
 if TYPE_CHECKING:
     from nbdist.channel import Event
     from nbdist.job import Job
 
-PROGRESS_EVERY = 10.0  # seconds between progress lines of one bar
+PROGRESS_EVERY = 10.0  # seconds between progress lines of one rank
 
 
 class PlainDisplay(Display):
@@ -26,12 +33,19 @@ class PlainDisplay(Display):
         self._stream = stream
         self._clock = clock
         self._partial: dict[int, str] = {}  # a rank's unterminated last line
-        self._last_progress: dict[tuple[int, int], float] = {}
+        self._view: JobView | None = None
+        self._last_line: dict[int, float] = {}  # rank → clock of its last progress line
+        self._reported_bars: set[tuple[int, int]] = set()  # bars shown mid-way
+        self._failed_shown: set[int] = set()
 
     @property
     def stream(self) -> TextIO:
         # looked up late: in a notebook, sys.stdout is per cell
         return self._stream or sys.stdout
+
+    def start(self, job: "Job") -> None:
+        streamed = set(range(job.nprocs)) if self.all_ranks else {0}
+        self._view = JobView(job, streamed=streamed, clock=self._clock)
 
     def output(self, rank: int, text: str) -> None:
         if not self.all_ranks:
@@ -43,27 +57,62 @@ class PlainDisplay(Display):
         lines = text.split("\n")
         if lines[-1]:
             self._partial[rank] = lines[-1]
-        self.stream.write("".join(f"[rank {rank}] {line}\n" for line in lines[:-1]))
+        prefix = f"[rank {rank}] "
+        # a line redrawn with \r keeps its prefix on every redraw
+        self.stream.write("".join(prefix + line.replace("\r", "\r" + prefix) + "\n"
+                                  for line in lines[:-1]))
         self.stream.flush()
 
     def event(self, event: "Event") -> None:
-        if event.kind != "progress" or (event.rank != 0 and not self.all_ranks):
+        view = self._view
+        if view is None or not view.apply(event):
             return
-        key = (event.rank, event.data["bar"])
+        rank = view.ranks[event.rank]
+        if event.kind == "status":
+            if rank.state in BAD_STATES and rank.rank not in self._failed_shown:
+                self._failed_shown.add(rank.rank)
+                self._line(f"rank {rank.rank} {rank.state}  {describe_failure(rank)}")
+            return
+        if event.rank not in view.streamed:
+            return
         now = self._clock()
-        closed = event.data.get("closed", False)
-        if not closed and now - self._last_progress.get(key, -PROGRESS_EVERY) < PROGRESS_EVERY:
+        due = now - self._last_line.get(event.rank, now - PROGRESS_EVERY) >= PROGRESS_EVERY
+        if event.kind == "progress":
+            key = (event.rank, event.data.get("bar", 0))
+            closed = event.data.get("closed", False)
+            # an outermost loop whose middle was shown also gets its end shown
+            ending = (closed and key in self._reported_bars
+                      and not any(not b.closed for b in rank.bars.values()))
+            if not (due or ending):
+                return
+            if closed:
+                self._reported_bars.discard(key)
+            else:
+                self._reported_bars.add(key)
+        elif not due:
             return
-        self._last_progress[key] = now
-        total = event.data.get("total")
-        of = f"/{total}" if total is not None else ""
-        desc = event.data.get("desc") or "progress"
-        self._line(f"rank {event.rank} {desc}: {event.data['n']}{of}")
+        self._last_line[event.rank] = now
+        self._line(view.rank_line(rank))
 
-    def stop(self, job: "Job") -> None:
+    def flush_output(self) -> None:
+        """Write out the unterminated last lines kept back for prefixing."""
         for rank, text in sorted(self._partial.items()):
             self.stream.write(f"[rank {rank}] {text}\n")
         self._partial.clear()
+        self.stream.flush()
+
+    def stop(self, job: "Job") -> None:
+        self.flush_output()
+        view = self._view
+        if view is not None:
+            view.finish(job)
+            for rank in view.ranks:
+                if rank.bad and rank.rank not in self._failed_shown:
+                    self._failed_shown.add(rank.rank)
+                    self._line(f"rank {rank.rank} {rank.state}  {describe_failure(rank)}")
+            metrics = format_metrics(view.ranks[0].metrics) if view.ranks else ""
+            if metrics:
+                self._line(f"rank 0 final metrics: {metrics}")
         self._line(f"job {job.id} {job.status} in {job.duration:.1f}s "
                    f"({job.nprocs} ranks; logs: {job.dir})")
 

@@ -1,0 +1,185 @@
+"""The job dashboard as plain HTML and SVG strings (no widget library needed).
+
+Used live by ``notebook.py`` for the loss chart and the failure panel, and at the end
+for the static copy of the whole dashboard that replaces the widgets, so the saved
+notebook still shows the outcome where widget state is not saved (nbviewer, GitHub).
+"""
+
+from __future__ import annotations
+
+import html
+
+from nbdist.display.state import (JobView, RankView, describe_failure, format_duration,
+                                  format_metrics, format_value, progress_text)
+
+STATE_COLORS = {
+    "pending": "#888", "starting": "#888", "joining": "#888", "ready": "#1f6feb",
+    "running": "#1f6feb", "done": "#1a7f37", "failed": "#cf222e", "crashed": "#cf222e",
+    "killed": "#bc4c00", "stopped": "#bc4c00",
+}
+JOB_COLORS = {"running": "#1f6feb", "succeeded": "#1a7f37", "failed": "#cf222e",
+              "timeout": "#bc4c00", "interrupted": "#bc4c00"}
+SERIES_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c")
+MONO = "font-family: var(--jp-code-font-family, monospace); font-size: 12px"
+
+
+def esc(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def state_html(state: str) -> str:
+    color = STATE_COLORS.get(state, "#888")
+    return f'<span style="color:{color}; font-weight:600">{esc(state)}</span>'
+
+
+def header_html(view: JobView) -> str:
+    job = view.job
+    color = JOB_COLORS.get(view.status, "#888")
+    return (f'<div style="{MONO}"><b>nbdist</b> job <code>{esc(job.id)}</code> · '
+            f'<span style="color:{color}; font-weight:600">{esc(view.status)}</span> · '
+            f'{format_duration(view.elapsed())} · {len(view.ranks)} ranks · '
+            f'{esc(job.backend)}</div>')
+
+
+def info_html(view: JobView, rank: RankView) -> str:
+    text = progress_text(rank)
+    idle = view.idle_for(rank)
+    extra = ""
+    if idle is not None:
+        extra = (f' <span style="color:#bc4c00">no progress for '
+                 f'{format_duration(idle)}</span>')
+    if rank.state in ("failed", "crashed", "killed") and describe_failure(rank):
+        extra += f' <span style="color:#cf222e">{esc(describe_failure(rank))}</span>'
+    return f'<span style="{MONO}">{esc(text)}</span>{extra}'
+
+
+def metrics_html(rank: RankView) -> str:
+    return f'<span style="{MONO}">{esc(format_metrics(rank.metrics))}</span>'
+
+
+def failures_html(view: JobView) -> str:
+    """A panel per failed rank whose output was not shown: its last log lines."""
+    parts = []
+    for rank in view.ranks:
+        if not rank.bad:
+            continue
+        what = describe_failure(rank)
+        title = f"rank {rank.rank} {rank.state}" + (f": {what}" if what else "")
+        body = ""
+        if rank.log_tail:
+            path = view.job.ranks[rank.rank].log if rank.rank < len(view.job.ranks) else ""
+            body = (f'<div style="color:#666">last lines of its log ({esc(path)}):</div>'
+                    f'<pre style="{MONO}; margin:2px 0; padding:4px; max-height:18em; '
+                    f'overflow:auto; background:#fff5f5; border-left:3px solid #cf222e; '
+                    f'white-space:pre-wrap">{esc(rank.log_tail)}</pre>')
+        parts.append(f'<div style="margin-top:4px"><b style="color:#cf222e">'
+                     f'{esc(title)}</b>{body}</div>')
+    return "".join(parts)
+
+
+def chart_svg(view: JobView, width: int = 440, height: int = 120) -> str:
+    """A small line chart of rank 0's loss-like metrics; empty before any value."""
+    keys = view.chart_keys()
+    series = {k: view.series[k].values() for k in keys}
+    points = [p for values in series.values() for p in values]
+    if not points:
+        return ""
+    left, right, top, bottom = 56, 8, 18, 16
+    plot_w, plot_h = width - left - right, height - top - bottom
+    xs = [p[0] for p in points]
+    ys = [p[1] for p in points]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    if x1 == x0:
+        x0, x1 = x0 - 1, x1 + 1
+    if y1 == y0:
+        pad = abs(y0) * 0.05 or 1.0
+        y0, y1 = y0 - pad, y1 + pad
+
+    def sx(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * plot_w
+
+    def sy(y: float) -> float:
+        return top + (y1 - y) / (y1 - y0) * plot_h
+
+    shapes, legend = [], []
+    for i, (key, values) in enumerate(series.items()):
+        color = SERIES_COLORS[i % len(SERIES_COLORS)]
+        values = _thin(values, plot_w)
+        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in values)
+        if len(values) == 1:
+            x, y = values[0]
+            shapes.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" '
+                          f'fill="{color}"/>')
+        else:
+            shapes.append(f'<polyline points="{coords}" fill="none" stroke="{color}" '
+                          f'stroke-width="1.5" stroke-linejoin="round"/>')
+        legend.append(f'<tspan fill="{color}">{esc(key)} {format_value(values[-1][1])}'
+                      f'</tspan>')
+    text = 'font-family="monospace" font-size="10" fill="#555"'
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="rank 0 metrics">'
+        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" '
+        f'stroke="#ddd"/>'
+        f'<text x="{left}" y="12" {text}>{"  ".join(legend)} '
+        f'<tspan fill="#999">(rank 0)</tspan></text>'
+        f'<text x="{left - 4}" y="{top + 8}" text-anchor="end" {text}>'
+        f'{esc(format_value(y1))}</text>'
+        f'<text x="{left - 4}" y="{top + plot_h}" text-anchor="end" {text}>'
+        f'{esc(format_value(y0))}</text>'
+        f'<text x="{left}" y="{height - 3}" {text}>step {format_value(x0)}</text>'
+        f'<text x="{left + plot_w}" y="{height - 3}" text-anchor="end" {text}>'
+        f'{format_value(x1)}</text>'
+        + "".join(shapes) + "</svg>")
+
+
+def _thin(values: list[tuple[float, float]], limit: float) -> list[tuple[float, float]]:
+    """At most about ``limit`` points (one per pixel), always keeping the last one."""
+    limit = max(2, int(limit))
+    if len(values) <= limit:
+        return values
+    stride = -(-len(values) // limit)
+    kept = values[::stride]
+    if kept[-1] is not values[-1]:
+        kept.append(values[-1])
+    return kept
+
+
+def bar_html(fraction: float | None, state: str) -> str:
+    """A progress bar drawn with two divs (static HTML has no widgets)."""
+    color = STATE_COLORS.get(state, "#1f6feb")
+    width = 0.0 if fraction is None else fraction * 100
+    return (f'<div style="width:160px; height:10px; background:#eee; border-radius:2px">'
+            f'<div style="width:{width:.1f}%; height:100%; background:{color}; '
+            f'border-radius:2px"></div></div>')
+
+
+def dashboard_html(view: JobView) -> str:
+    """The whole dashboard as static HTML: what the saved notebook keeps."""
+    rows = []
+    for rank in view.ranks:
+        fraction = rank.fraction()
+        pct = "" if fraction is None else f"{fraction:.0%}"
+        rows.append(
+            f'<tr><td style="{MONO}">rank {rank.rank}</td><td>{state_html(rank.state)}</td>'
+            f'<td>{bar_html(fraction, rank.state)}</td><td style="{MONO}">{pct}</td>'
+            f'<td>{info_html(view, rank)}</td><td>{metrics_html(rank)}</td></tr>')
+    table = ('<table style="border-collapse:collapse; margin:4px 0">'
+             + "".join(rows) + "</table>")
+    chart = chart_svg(view)
+    logs = (f'<div style="{MONO}; color:#666">logs: {esc(view.job.dir)}</div>'
+            if view.duration is not None else "")
+    return (f'<div class="nbdist-dashboard" style="border:1px solid #ddd; padding:6px">'
+            f'{header_html(view)}{table}{chart}{failures_html(view)}{logs}</div>')
+
+
+def dashboard_text(view: JobView) -> str:
+    """The dashboard as text: a one-line summary, a line per rank, failed ranks' logs."""
+    lines = [view.summary()]
+    lines += ["  " + view.rank_line(rank) for rank in view.ranks]
+    for rank in view.ranks:
+        if rank.bad and rank.log_tail:
+            lines.append(f"  --- last lines of rank {rank.rank}'s log ---")
+            lines += ["  " + line for line in rank.log_tail.splitlines()]
+    return "\n".join(lines)

@@ -1,0 +1,193 @@
+"""The notebook dashboard (ipywidgets): one per job, updated live, static at the end.
+
+::
+
+    nbdist job 1a2b · running · 0:42 · 2 ranks · gloo
+    rank 0  running  [██████████░░░░░░]  epoch 2/3 › train 45/100 (45%) 12 it/s ETA 0:05  loss=0.31
+    rank 1  running  [██████████░░░░░░]  epoch 2/3 › train 45/100 (45%) 12 it/s ETA 0:05  loss=0.30
+    ╱╲_ loss chart of rank 0 (SVG)
+    rank N failed: ... and the last lines of its log, when one fails
+
+Rank 0's output goes to the cell's own output below the dashboard, as if printed
+there: the frontend redraws ``\\r`` progress lines (tqdm) in place, and the text is
+saved with the notebook, none of it lost. When the job ends, the widgets are
+replaced in place (same display id) by a static HTML copy of the final dashboard with
+a text summary, so a saved notebook shows the outcome without widget state.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Protocol, TextIO
+
+import ipywidgets as widgets
+
+from nbdist.display import html as h
+from nbdist.display.base import RENDER_INTERVAL, Display
+from nbdist.display.plain import PlainDisplay
+from nbdist.display.state import JobView, RankView
+
+if TYPE_CHECKING:
+    from nbdist.channel import Event
+    from nbdist.job import Job
+
+CHART_INTERVAL = 0.5  # seconds between redraws of the chart (a few KB of SVG each)
+CLOCK_INTERVAL = 1.0  # the elapsed time shows whole seconds
+
+
+class Publisher(Protocol):
+    """Where the dashboard is shown: IPython's display machinery, or a test's recorder."""
+
+    def show(self, bundle: dict, display_id: str) -> None: ...
+
+    def update(self, bundle: dict, display_id: str) -> None: ...
+
+
+class IPythonPublisher:
+    def show(self, bundle: dict, display_id: str) -> None:
+        from IPython.display import display
+
+        display(bundle, raw=True, display_id=display_id)
+
+    def update(self, bundle: dict, display_id: str) -> None:
+        from IPython.display import update_display
+
+        update_display(bundle, raw=True, display_id=display_id)
+
+
+@dataclass
+class RankRow:
+    """The widgets of one rank's row; tests read their values."""
+
+    name: widgets.HTML
+    state: widgets.HTML
+    progress: widgets.FloatProgress  # percent of the active bar, 0..100
+    info: widgets.HTML
+    metrics: widgets.HTML
+    box: widgets.HBox
+
+    @classmethod
+    def create(cls, rank: int) -> "RankRow":
+        name = widgets.HTML(f'<span style="{h.MONO}">rank {rank}</span>',
+                            layout=widgets.Layout(width="56px"))
+        state = widgets.HTML(h.state_html("pending"), layout=widgets.Layout(width="64px"))
+        progress = widgets.FloatProgress(value=0.0, min=0.0, max=100.0,
+                                         layout=widgets.Layout(width="180px"))
+        info = widgets.HTML(layout=widgets.Layout(flex="1 1 auto"))
+        metrics = widgets.HTML(layout=widgets.Layout(flex="0 1 32%"))
+        box = widgets.HBox([name, state, progress, info, metrics],
+                           layout=widgets.Layout(align_items="center", width="100%"))
+        return cls(name, state, progress, info, metrics, box)
+
+    def update(self, view: JobView, rank: RankView) -> None:
+        self.state.value = h.state_html(rank.state)
+        fraction = rank.fraction()
+        self.progress.value = 0.0 if fraction is None else round(fraction * 100, 2)
+        self.progress.bar_style = _BAR_STYLES.get(rank.state, "")
+        self.info.value = h.info_html(view, rank)
+        self.metrics.value = h.metrics_html(rank)
+
+
+_BAR_STYLES = {"done": "success", "failed": "danger", "crashed": "danger",
+               "killed": "warning", "stopped": "warning"}
+
+
+class NotebookDisplay(Display):
+    def __init__(self, *, all_ranks: bool = False,
+                 clock: Callable[[], float] = time.monotonic,
+                 stream: TextIO | None = None, publisher: Publisher | None = None):
+        super().__init__(all_ranks=all_ranks)
+        self._clock = clock
+        self._text = PlainDisplay(all_ranks=all_ranks, stream=stream)  # routes output
+        self._publisher = publisher or IPythonPublisher()
+        self.display_id = f"nbdist-{uuid.uuid4().hex}"
+        self.view: JobView | None = None
+        self.rows: list[RankRow] = []
+        self._dirty = False
+        self._chart_dirty = False
+        self._last_render = float("-inf")
+        self._last_chart = float("-inf")
+        self._closed = False
+
+    # --- the Display interface -------------------------------------------------------
+    def start(self, job: "Job") -> None:
+        streamed = set(range(job.nprocs)) if self.all_ranks else {0}
+        self.view = JobView(job, streamed=streamed, clock=self._clock)
+        self.header = widgets.HTML()
+        self.rows = [RankRow.create(r.rank) for r in job.ranks]
+        self.chart = widgets.HTML(layout=widgets.Layout(display="none"))
+        self.failures = widgets.HTML()
+        self.box = widgets.VBox(
+            [self.header, *[row.box for row in self.rows], self.chart, self.failures],
+            layout=widgets.Layout(border="1px solid #ddd", padding="4px 8px", width="100%"))
+        self._render()
+        bundle = dict(self.box._repr_mimebundle_() or {})
+        # what frontends without widget support show while the job runs
+        bundle["text/plain"] = f"{self.view.summary()} (live view needs ipywidgets)"
+        self._publisher.show(bundle, self.display_id)
+
+    def output(self, rank: int, text: str) -> None:
+        self._text.output(rank, text)
+
+    def event(self, event: "Event") -> None:
+        if self.view is None or not self.view.apply(event):
+            return
+        self._dirty = True
+        if event.kind == "metrics" and event.rank == 0:
+            self._chart_dirty = True
+        if event.kind == "status" and self.view.ranks[event.rank].bad:
+            self._render()  # a failure is shown at once
+        else:
+            self.tick()
+
+    def tick(self) -> None:
+        if self.view is None or self._closed:
+            return
+        since = self._clock() - self._last_render
+        if (self._dirty and since >= RENDER_INTERVAL) or since >= CLOCK_INTERVAL:
+            self._render()
+
+    def stop(self, job: "Job") -> None:
+        self._text.flush_output()
+        if self.view is None or self._closed:
+            return
+        self.view.finish(job)
+        self._chart_dirty = True
+        self._render(final=True)
+        self._closed = True
+        self._publisher.update({"text/html": h.dashboard_html(self.view),
+                                "text/plain": h.dashboard_text(self.view)},
+                               self.display_id)
+        self._close_widgets()
+
+    def abandon(self) -> None:
+        self._closed = True
+
+    # --- drawing ---------------------------------------------------------------------
+    def _render(self, final: bool = False) -> None:
+        view = self.view
+        now = self._clock()
+        self._last_render = now
+        self._dirty = False
+        self.header.value = h.header_html(view)
+        for row, rank in zip(self.rows, view.ranks):
+            row.update(view, rank)
+        if self._chart_dirty and (final or now - self._last_chart >= CHART_INTERVAL):
+            self._chart_dirty = False
+            self._last_chart = now
+            svg = h.chart_svg(view)
+            self.chart.value = svg
+            self.chart.layout.display = "" if svg else "none"
+        self.failures.value = h.failures_html(view)
+
+    def _close_widgets(self) -> None:
+        # the static copy replaced them on screen; free their models in the frontend
+        parts = [self.box, self.header, self.chart, self.failures]
+        for row in self.rows:
+            parts += [row.box, row.name, row.state, row.progress, row.info, row.metrics]
+        for widget in parts:
+            for owned in (getattr(widget, "style", None), widget.layout, widget):
+                if owned is not None:
+                    owned.close()

@@ -1,0 +1,211 @@
+"""The terminal dashboard (rich ``Live``), for a script or IPython in a terminal.
+
+::
+
+    nbdist job 1a2b · running · 0:42 · 2 ranks · gloo
+     rank 0  running  ━━━━━━━━━━╸━━━━━━━━━━━  45%  epoch 2/3 › train 45/100 12 it/s ETA 0:05  loss=0.31
+     rank 1  running  ━━━━━━━━━━╸━━━━━━━━━━━  45%  epoch 2/3 › train 45/100 12 it/s ETA 0:05  loss=0.30
+     loss ▇▆▅▅▄▃▃▂▂▁▁ 0.31 (rank 0)
+     rank 0 ▸ 45%|████▌     | 45/100      ← the line rank 0 is redrawing with \\r
+
+Finished lines of rank 0's output scroll above the dashboard as ordinary terminal
+text; the line it is still redrawing with ``\\r`` (tqdm) stays in the dashboard, so
+it updates in place and only its final state reaches the scrollback. The dashboard is
+redrawn at most ``1 / RENDER_INTERVAL`` times a second, from the supervising thread
+only (no refresh thread: nothing else reads the state while it changes).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Callable
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from nbdist.display.base import RENDER_INTERVAL, Display
+from nbdist.display.state import (JobView, LineBuffer, RankView, describe_failure,
+                                  format_duration, format_metrics, format_value,
+                                  progress_text)
+
+if TYPE_CHECKING:
+    from nbdist.channel import Event
+    from nbdist.job import Job
+
+CLOCK_INTERVAL = 1.0
+SPARK_WIDTH = 40
+SPARKS = "▁▂▃▄▅▆▇█"
+
+STATE_STYLES = {
+    "pending": "dim", "starting": "dim", "joining": "dim", "ready": "blue",
+    "running": "blue", "done": "green", "failed": "bold red", "crashed": "bold red",
+    "killed": "yellow", "stopped": "yellow",
+}
+JOB_STYLES = {"running": "bold blue", "succeeded": "bold green", "failed": "bold red",
+              "timeout": "bold yellow", "interrupted": "bold yellow"}
+BAR_STYLES = {"done": "green", "failed": "red", "crashed": "red", "killed": "yellow",
+              "stopped": "yellow"}
+
+
+class TerminalDisplay(Display):
+    def __init__(self, *, all_ranks: bool = False, console: Console | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        super().__init__(all_ranks=all_ranks)
+        self.console = console or Console()
+        self._clock = clock
+        self.view: JobView | None = None
+        self._live: Live | None = None
+        self._lines: dict[int, LineBuffer] = {}
+        self._dirty = False
+        self._last_render = float("-inf")
+
+    # --- the Display interface -------------------------------------------------------
+    def start(self, job: "Job") -> None:
+        streamed = set(range(job.nprocs)) if self.all_ranks else {0}
+        self.view = JobView(job, streamed=streamed, clock=self._clock)
+        self._lines = {r: LineBuffer() for r in sorted(streamed)}
+        self._live = Live(self.render(), console=self.console, auto_refresh=False,
+                          transient=False)
+        self._live.start()
+        self._last_render = self._clock()
+
+    def output(self, rank: int, text: str) -> None:
+        buffer = self._lines.get(rank)
+        if buffer is None:
+            return
+        finished = buffer.feed(text)
+        if finished:
+            self._print(rank, finished)
+        self._dirty = True
+        self.tick()
+
+    def event(self, event: "Event") -> None:
+        if self.view is None or not self.view.apply(event):
+            return
+        self._dirty = True
+        if event.kind == "status" and self.view.ranks[event.rank].bad:
+            self._refresh()  # a failure is shown at once
+        else:
+            self.tick()
+
+    def tick(self) -> None:
+        if self._live is None:
+            return
+        since = self._clock() - self._last_render
+        if (self._dirty and since >= RENDER_INTERVAL) or since >= CLOCK_INTERVAL:
+            self._refresh()
+
+    def stop(self, job: "Job") -> None:
+        if self._live is None:
+            return
+        for rank, buffer in self._lines.items():
+            rest = buffer.flush()
+            if rest:
+                self._print(rank, rest)
+        self.view.finish(job)
+        self._refresh()
+        self._live.stop()
+        self._live = None
+
+    def abandon(self) -> None:
+        live, self._live = self._live, None
+        if live is not None:
+            live.stop()
+
+    # --- drawing ---------------------------------------------------------------------
+    def _print(self, rank: int, lines: list[str]) -> None:
+        prefix = f"[rank {rank}] " if self.all_ranks else ""
+        text = Text("\n").join(Text.from_ansi(prefix + line) for line in lines)
+        self.console.print(text, soft_wrap=True, highlight=False)
+
+    def _refresh(self) -> None:
+        self._last_render = self._clock()
+        self._dirty = False
+        self._live.update(self.render(), refresh=True)
+
+    def render(self) -> RenderableType:
+        """The dashboard as it stands (tests print it to a recording console)."""
+        view = self.view
+        parts: list[RenderableType] = [self._header(view)]
+        table = Table.grid(padding=(0, 1))
+        for _ in range(6):  # narrow terminals cut the text columns, never wrap them
+            table.add_column(no_wrap=True, overflow="ellipsis")
+        for rank in view.ranks:
+            table.add_row(*self._row(view, rank))
+        parts.append(table)
+        spark = self._sparkline(view)
+        if spark is not None:
+            parts.append(spark)
+        for rank in view.ranks:
+            if rank.bad:
+                parts.append(self._failure(view, rank))
+        for rank, buffer in self._lines.items():
+            if buffer.current:
+                parts.append(Text.assemble((f" rank {rank} ▸ ", "dim"),
+                                           Text.from_ansi(buffer.current),
+                                           no_wrap=True, overflow="ellipsis"))
+        return Group(*parts)
+
+    def _header(self, view: JobView) -> Text:
+        return Text.assemble(
+            ("nbdist", "bold"), " job ", (view.job.id, "cyan"), " · ",
+            (view.status, JOB_STYLES.get(view.status, "")), " · ",
+            format_duration(view.elapsed()), f" · {len(view.ranks)} ranks · ",
+            view.job.backend)
+
+    def _row(self, view: JobView, rank: RankView) -> list[RenderableType]:
+        fraction = rank.fraction()
+        color = BAR_STYLES.get(rank.state, "blue")
+        bar = ProgressBar(total=100, completed=0 if fraction is None else fraction * 100,
+                          width=24, complete_style=color, finished_style=color)
+        pct = "" if fraction is None else f"{fraction:>4.0%}"
+        info = Text(progress_text(rank))
+        idle = view.idle_for(rank)
+        if idle is not None:
+            info.append(f"  no progress for {format_duration(idle)}", style="yellow")
+        return [Text(f" rank {rank.rank}"), Text(rank.state, STATE_STYLES.get(rank.state, "")),
+                bar, Text(pct), info, Text(format_metrics(rank.metrics), style="cyan")]
+
+    def _sparkline(self, view: JobView) -> Text | None:
+        keys = view.chart_keys()
+        if not keys:
+            return None
+        line = Text(" ")
+        for key in keys:
+            values = [v for _, v in view.series[key].values()]
+            line.append(f"{key} ", style="bold")
+            line.append(sparkline(values), style="magenta")
+            line.append(f" {format_value(values[-1])}  ")
+        line.append("(rank 0)", style="dim")
+        return line
+
+    def _failure(self, view: JobView, rank: RankView) -> Panel:
+        what = describe_failure(rank)
+        title = f"rank {rank.rank} {rank.state}" + (f": {what}" if what else "")
+        body = Text.from_ansi(rank.log_tail) if rank.log_tail else Text(
+            "(its output is above)" if rank.rank in view.streamed else "(no output)",
+            style="dim")
+        return Panel(body, title=title, title_align="left", border_style="red",
+                     expand=False)
+
+
+def sparkline(values: list[float], width: int = SPARK_WIDTH) -> str:
+    """``▇▆▅▃▂▁`` — the last values, averaged down to ``width`` characters."""
+    if not values:
+        return ""
+    if len(values) > width:
+        # the most recent history, in width buckets
+        values = values[-width * 8:]
+        size = len(values) / width
+        values = [sum(chunk) / len(chunk) for chunk in
+                  (values[int(i * size):int((i + 1) * size)] for i in range(width))
+                  if chunk]
+    low, high = min(values), max(values)
+    if high == low:
+        return SPARKS[len(SPARKS) // 2] * len(values)
+    scale = (len(SPARKS) - 1) / (high - low)
+    return "".join(SPARKS[round((v - low) * scale)] for v in values)

@@ -1,0 +1,650 @@
+"""The live displays, fed by a recorded event sequence; one real job in a real kernel.
+
+``RECORDED`` is what the two ranks of a real job wrote to their event files (times
+made relative): three epochs of ``track`` with 20 steps each and ``report(loss=...)``,
+in which rank 1 raised ``ValueError`` in the middle of epoch 2 and torchrun then
+killed rank 0. Every display is driven by it with an injected clock that follows the
+recorded times, so throttling is exercised as in the real run, without a launch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nbdist import display as displays
+from nbdist.channel import ChannelReader, ChannelWriter, Event
+from nbdist.display.base import RENDER_INTERVAL, Display, GuardedDisplay
+from nbdist.display.plain import PROGRESS_EVERY, PlainDisplay
+from nbdist.display.state import (IDLE_AFTER, Bar, JobView, LineBuffer, Series,
+                                  collapse_cr, format_duration, format_rate)
+from nbdist.errors import InvalidArgumentError
+from nbdist.job import Job, RankStatus
+
+RECORDED = [
+    (0, "status", 0.0000, {"state": "starting", "pid": 1000}),
+    (1, "status", 0.0029, {"state": "starting", "pid": 1001}),
+    (1, "status", 3.5526, {"state": "joining"}),
+    (0, "status", 3.7487, {"state": "joining"}),
+    (0, "status", 3.7531, {"state": "ready"}),
+    (0, "status", 3.7531, {"state": "running"}),
+    (0, "progress", 3.7531, {"bar": 0, "desc": "epoch", "n": 0, "total": 3}),
+    (0, "progress", 3.7532, {"bar": 1, "desc": "train", "n": 0, "total": 20}),
+    (1, "status", 3.7537, {"state": "ready"}),
+    (1, "status", 3.7538, {"state": "running"}),
+    (1, "progress", 3.7538, {"bar": 0, "desc": "epoch", "n": 0, "total": 3}),
+    (1, "progress", 3.7539, {"bar": 1, "desc": "train", "n": 0, "total": 20}),
+    (0, "metrics", 3.7733, {"values": {"loss": 1.0, "lr": 0.1}, "step": 1}),
+    (1, "metrics", 3.7740, {"values": {"loss": 1.0, "lr": 0.1}, "step": 1}),
+    (0, "progress", 3.9547, {"bar": 1, "desc": "train", "n": 10, "total": 20}),
+    (1, "progress", 3.9553, {"bar": 1, "desc": "train", "n": 10, "total": 20}),
+    (0, "metrics", 3.9750, {"values": {"loss": 0.09091, "lr": 0.1}, "step": 11}),
+    (1, "metrics", 3.9755, {"values": {"loss": 0.09091, "lr": 0.1}, "step": 11}),
+    (0, "progress", 4.1564, {"bar": 1, "desc": "train", "n": 20, "total": 20}),
+    (0, "metrics", 4.1566, {"values": {"loss": 0.05, "lr": 0.1}, "step": 20}),
+    (0, "progress", 4.1566, {"bar": 1, "desc": "train", "n": 20, "total": 20, "closed": True}),
+    (0, "progress", 4.1568, {"bar": 0, "desc": "epoch", "n": 1, "total": 3}),
+    (0, "progress", 4.1568, {"bar": 2, "desc": "train", "n": 0, "total": 20}),
+    (1, "progress", 4.1569, {"bar": 1, "desc": "train", "n": 20, "total": 20}),
+    (1, "metrics", 4.1570, {"values": {"loss": 0.05, "lr": 0.1}, "step": 20}),
+    (1, "progress", 4.1570, {"bar": 1, "desc": "train", "n": 20, "total": 20, "closed": True}),
+    (1, "progress", 4.1571, {"bar": 0, "desc": "epoch", "n": 1, "total": 3}),
+    (1, "progress", 4.1571, {"bar": 2, "desc": "train", "n": 0, "total": 20}),
+    (0, "metrics", 4.1769, {"values": {"loss": 0.04762, "lr": 0.1}, "step": 21}),
+    (1, "metrics", 4.1773, {"values": {"loss": 0.04762, "lr": 0.1}, "step": 21}),
+    (0, "progress", 4.3583, {"bar": 2, "desc": "train", "n": 10, "total": 20}),
+    (1, "progress", 4.3585, {"bar": 2, "desc": "train", "n": 10, "total": 20}),
+    (0, "metrics", 4.3785, {"values": {"loss": 0.03226, "lr": 0.1}, "step": 31}),
+    (1, "metrics", 4.3787, {"values": {"loss": 0.03226, "lr": 0.1}, "step": 31}),
+    (1, "progress", 4.3788, {"bar": 2, "desc": "train", "n": 10, "total": 20, "closed": True}),
+    (1, "progress", 4.3788, {"bar": 0, "desc": "epoch", "n": 1, "total": 3, "closed": True}),
+    (1, "status", 4.3886, {"state": "failed", "exitcode": 1, "error": "ValueError"}),
+]
+RANK1_LOG = ("Traceback (most recent call last):\n"
+             '  File "train.py", line 10, in train\n'
+             '    raise ValueError("bad batch 10 on rank 1")\n'
+             "ValueError: bad batch 10 on rank 1 <&>\n")
+T0 = 1_800_000_000.0  # worker wall-clock time of the first event
+
+
+class Clock:
+    """The display's clock, moved by the test."""
+
+    def __init__(self, t: float = 50.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def recorded() -> list[Event]:
+    return [Event(rank, kind, T0 + t, dict(data)) for rank, kind, t, data in RECORDED]
+
+
+def succeeded(nprocs: int = 2, epochs: int = 3, steps: int = 20) -> list[Event]:
+    """A healthy job: every rank runs epochs × steps with a report per step."""
+    events, t = [], 0.0
+    for r in range(nprocs):
+        events += [Event(r, "status", T0, {"state": "starting", "pid": 1000 + r}),
+                   Event(r, "status", T0 + 1, {"state": "running"}),
+                   Event(r, "progress", T0 + 1, {"bar": 0, "desc": "epoch", "n": 0,
+                                                 "total": epochs})]
+    t, bar, step = 1.0, 1, 0
+    for epoch in range(epochs):
+        for r in range(nprocs):
+            events.append(Event(r, "progress", T0 + t, {"bar": bar, "desc": "train",
+                                                        "n": 0, "total": steps}))
+        for i in range(1, steps + 1):
+            t += 0.05
+            step += 1
+            for r in range(nprocs):
+                events.append(Event(r, "progress", T0 + t, {"bar": bar, "desc": "train",
+                                                            "n": i, "total": steps}))
+                events.append(Event(r, "metrics", T0 + t, {"values": {
+                    "loss": 2.0 / step, "acc": step / (epochs * steps)}, "step": step}))
+        for r in range(nprocs):
+            events += [Event(r, "progress", T0 + t, {"bar": bar, "desc": "train",
+                                                     "n": steps, "total": steps,
+                                                     "closed": True}),
+                       Event(r, "progress", T0 + t, {"bar": 0, "desc": "epoch",
+                                                     "n": epoch + 1, "total": epochs,
+                                                     "closed": epoch + 1 == epochs})]
+        bar += 1
+    events += [Event(r, "status", T0 + t + 0.1, {"state": "done"}) for r in range(nprocs)]
+    return events
+
+
+def make_job(tmp_path, nprocs: int = 2) -> Job:
+    job_dir = tmp_path / "job"
+    job_dir.mkdir(exist_ok=True)
+    (job_dir / "rank-0.log").write_text("epoch 0 done\n")
+    (job_dir / "rank-1.log").write_text("loading\n10%\r50%\r100%\n" + RANK1_LOG)
+    return Job(id="20260101-000000-abcdef", dir=str(job_dir), nprocs=nprocs,
+               backend="gloo", started=time.time() - 5,
+               ranks=[RankStatus(r, log=str(job_dir / f"rank-{r}.log"))
+                      for r in range(nprocs)])
+
+
+def end(job: Job, status: str, states: list[str], exitcodes: list[int | None]) -> Job:
+    """The job record as api.py hands it to stop(), after diagnose()."""
+    job.status = status
+    job.ended = job.started + 7.0
+    for rank, state, code in zip(job.ranks, states, exitcodes):
+        rank.state, rank.exitcode = state, code
+    return job
+
+
+def feed(display: Display, events: list[Event], clock: Clock, *, tick: bool = True) -> None:
+    """Deliver events at their recorded times, as the 50 ms supervision loop would."""
+    base = clock.t - (events[0].time - T0)
+    for event in events:
+        clock.t = base + (event.time - T0)
+        display.event(event)
+        if tick:
+            display.tick()
+
+
+def failed_job(tmp_path) -> Job:
+    return end(make_job(tmp_path), "failed", ["killed", "failed"], [-15, 1])
+
+
+# --- the model every display shares ---------------------------------------------------
+def test_view_folds_the_recorded_failure(tmp_path):
+    clock = Clock()
+    view = JobView(make_job(tmp_path), clock=clock)
+    for event in recorded():
+        view.apply(event)
+    r0, r1 = view.ranks
+    assert r0.state == "running" and r1.state == "failed"
+    assert r1.error == "ValueError" and r1.exitcode == 1
+    # rank 1 unwound (and closed) its loops when it failed: it still shows where it was
+    assert r1.progress_label() == "epoch 2/3 › train" and r1.fraction() == 0.5
+    assert r0.progress_label() == "epoch 2/3 › train" and r0.active_bar().n == 10
+    assert "ValueError: bad batch 10 on rank 1" in r1.log_tail
+    assert "10%" not in r1.log_tail and "100%" in r1.log_tail  # \r lines collapsed
+    assert r0.log_tail is None  # rank 0's output is streamed, not tailed
+    assert r0.metrics == {"loss": 0.03226, "lr": 0.1}
+    assert view.chart_keys() == ["loss"]
+    assert [s for s, _ in view.series["loss"].values()] == [1, 11, 20, 21, 31]
+
+    view.finish(failed_job(tmp_path))
+    assert [r.state for r in view.ranks] == ["killed", "failed"]
+    assert view.summary().startswith("nbdist job 20260101-000000-abcdef failed in 0:07")
+    assert view.rank_line(r1).startswith("rank 1 failed  ValueError, exit code 1  "
+                                         "epoch 2/3 › train 10/20 (50%)")
+    assert "killed by SIGTERM" in view.rank_line(r0)
+
+
+def test_rates_eta_idle_and_formats():
+    bar = Bar(0, "train", 100, n=25, opened=10.0, updated=15.0)
+    assert bar.rate == 5.0 and bar.eta == 15.0 and bar.fraction == 0.25
+    assert Bar(0, None, None, n=3, opened=0, updated=6).eta is None
+    assert format_rate(5.0) == "5 it/s" and format_rate(0.25) == "4 s/it"
+    assert format_rate(12345.0) == "12,345 it/s" and format_rate(None) == ""
+    assert format_duration(7) == "0:07" and format_duration(3723) == "1:02:03"
+
+    clock = Clock(0.0)
+    job = Job(id="j", dir="/nonexistent", nprocs=1, backend="gloo", ranks=[RankStatus(0)])
+    view = JobView(job, clock=clock)
+    view.apply(Event(0, "progress", T0, {"bar": 0, "desc": "x", "n": 1, "total": 9}))
+    clock.t = IDLE_AFTER + 1
+    assert view.idle_for(view.ranks[0]) == pytest.approx(IDLE_AFTER + 1)
+    assert "no progress for 0:31" in view.rank_line(view.ranks[0])
+
+
+def test_line_buffer_keeps_only_what_a_terminal_would_show():
+    buf = LineBuffer()
+    assert buf.feed("first\n 10%|#") == ["first"]
+    assert buf.current == " 10%|#"
+    assert buf.feed("#\r 20%|##\r") == [] and buf.current == " 20%|##"
+    assert buf.feed(" 30%|###\ndone") == [" 30%|###"]
+    assert buf.flush() == ["done"] and buf.flush() == []
+    assert collapse_cr("a\rb\r\n".rstrip("\n")) == "b"
+
+
+def test_series_stays_bounded_and_keeps_the_latest_value():
+    series = Series(max_points=100)
+    for step in range(1, 10_001):
+        series.add(step, 1.0 / step)
+    values = series.values()
+    assert len(values) <= 101
+    assert values[-1] == (10_000, 1.0 / 10_000)
+    assert [s for s, _ in values] == sorted(s for s, _ in values)
+
+
+# --- plain -------------------------------------------------------------------------------
+def test_plain_shows_failure_and_summary_and_bounds_progress(tmp_path):
+    clock, out = Clock(), io.StringIO()
+    plain = PlainDisplay(stream=out, clock=clock)
+    job = make_job(tmp_path)
+    plain.start(job)
+    plain.output(0, "epoch 0 done\n")
+    plain.output(1, "not shown\n")
+    feed(plain, recorded(), clock)
+    plain.stop(failed_job(tmp_path))
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "epoch 0 done"
+    assert "not shown" not in out.getvalue()
+    assert "[nbdist] rank 1 failed  ValueError, exit code 1" in lines
+    assert lines[-2] == "[nbdist] rank 0 final metrics: loss=0.03226 lr=0.1"
+    assert lines[-1].startswith(f"[nbdist] job {job.id} failed in 7.0s (2 ranks; logs: ")
+
+
+def test_plain_progress_lines_come_at_a_bounded_rate(tmp_path):
+    clock, out = Clock(), io.StringIO()
+    plain = PlainDisplay(stream=out, clock=clock)
+    plain.start(make_job(tmp_path))
+    events = [e for e in succeeded(epochs=30, steps=20) if e.rank == 0]  # ~30 s of events
+    feed(plain, events, clock)
+    plain.stop(end(make_job(tmp_path), "succeeded", ["done", "done"], [0, 0]))
+    progress = [line for line in out.getvalue().splitlines()
+                if line.startswith("[nbdist] rank 0 running")]
+    span = events[-1].time - events[0].time
+    assert span > 3 * PROGRESS_EVERY
+    # one line per PROGRESS_EVERY, plus the end of the epoch loop shown mid-way
+    assert 2 <= len(progress) <= span / PROGRESS_EVERY + 2
+    assert "epoch 30/30 (100%)" in progress[-1]
+
+
+def test_plain_all_ranks_prefixes_lines_and_redraws():
+    out = io.StringIO()
+    plain = PlainDisplay(all_ranks=True, stream=out)
+    plain.output(1, "a\nb")
+    plain.output(0, " 10%\r 20%\n")
+    plain.output(1, "c\n")
+    plain.flush_output()
+    assert out.getvalue() == "[rank 1] a\n[rank 0]  10%\r[rank 0]  20%\n[rank 1] bc\n"
+
+
+# --- terminal (rich) ----------------------------------------------------------------------
+def rich_console(width: int = 140):
+    from rich.console import Console
+
+    return Console(file=io.StringIO(), force_terminal=True, width=width,
+                   color_system=None, legacy_windows=False)
+
+
+def rendered(display) -> str:
+    from rich.console import Console
+
+    console = Console(record=True, width=140, file=io.StringIO(), color_system=None)
+    console.print(display.render())
+    return console.export_text()
+
+
+def test_terminal_dashboard_of_the_recorded_failure(tmp_path):
+    from nbdist.display.terminal import TerminalDisplay
+
+    clock, console = Clock(), rich_console()
+    term = TerminalDisplay(console=console, clock=clock)
+    term.start(make_job(tmp_path))
+    term.output(0, "epoch 0 done\n 50%|#####     | 10/20\r")
+    feed(term, recorded(), clock)
+    text = rendered(term)
+    assert "nbdist job 20260101-000000-abcdef · running" in text
+    row0 = next(line for line in text.splitlines() if "rank 0 running" in line)
+    assert "50%" in row0 and "epoch 2/3 › train 10/20" in row0 and "loss=0.03226" in row0
+    row1 = next(line for line in text.splitlines() if "rank 1 failed" in line)
+    assert "epoch 2/3 › train 10/20" in row1
+    assert "rank 1 failed: ValueError, exit code 1" in text  # the panel's title
+    assert "ValueError: bad batch 10 on rank 1 <&>" in text  # ... and the log tail
+    assert "loss █" in text and "0.03226" in text  # the sparkline, from 1.0 down
+    assert "rank 0 ▸  50%|#####     | 10/20" in text  # the line being redrawn
+
+    term.stop(failed_job(tmp_path))
+    out = console.file.getvalue()
+    assert out.count("epoch 0 done") == 1  # finished lines are printed once, above
+    final = out[out.rindex("nbdist job"):]
+    assert "failed" in final and "rank 0 killed" in final
+    assert console._live_stack == []  # the Live was stopped
+
+
+def test_terminal_redraws_at_most_ten_times_a_second(tmp_path):
+    from nbdist.display.terminal import TerminalDisplay
+
+    clock = Clock()
+    term = TerminalDisplay(console=rich_console(), clock=clock)
+    redraws = []
+    term.start(make_job(tmp_path))
+    real_update = term._live.update
+    term._live.update = lambda *a, **k: (redraws.append(clock.t), real_update(*a, **k))
+    events = succeeded(epochs=4, steps=50)  # 10 s of events at 20 Hz per rank
+    feed(term, events, clock)
+    for i in range(200):  # and output at 20 Hz
+        clock.t += 0.05
+        term.output(0, f"line {i}\n")
+    span = clock.t - redraws[0]
+    assert len(redraws) <= span / RENDER_INTERVAL + 2
+    assert min(b - a for a, b in zip(redraws, redraws[1:])) >= RENDER_INTERVAL - 1e-9
+
+    term.stop(end(make_job(tmp_path), "succeeded", ["done", "done"], [0, 0]))
+    text = rendered(term)
+    assert "succeeded" in text
+    for r in range(2):
+        row = next(line for line in text.splitlines() if f"rank {r} done" in line)
+        assert "100%" in row and "epoch 4/4" in row
+
+
+def test_sparkline_shape():
+    from nbdist.display.terminal import sparkline
+
+    assert sparkline([3, 2, 1]) == "█▅▁"
+    assert sparkline([1, 1]) == "▅▅"
+    assert len(sparkline(list(range(1000)), width=40)) == 40
+
+
+# --- notebook (ipywidgets) ----------------------------------------------------------------
+class Recorder:
+    """Stands in for IPython's display(): keeps what would have been shown."""
+
+    def __init__(self):
+        self.shown: list[tuple[str, dict, str]] = []
+
+    def show(self, bundle, display_id):
+        self.shown.append(("show", bundle, display_id))
+
+    def update(self, bundle, display_id):
+        self.shown.append(("update", bundle, display_id))
+
+
+def notebook(**kwargs):
+    from nbdist.display.notebook import NotebookDisplay
+
+    clock, out, publisher = Clock(), io.StringIO(), Recorder()
+    return NotebookDisplay(clock=clock, stream=out, publisher=publisher, **kwargs), \
+        clock, out, publisher
+
+
+def test_notebook_dashboard_of_the_recorded_failure(tmp_path):
+    nb, clock, out, publisher = notebook()
+    nb.start(make_job(tmp_path))
+    (kind, bundle, display_id), = publisher.shown
+    assert kind == "show" and "application/vnd.jupyter.widget-view+json" in bundle
+    assert bundle["text/plain"].startswith("nbdist job 20260101-000000-abcdef running")
+    nb.output(0, "epoch 0 done\n 50%\r")
+    nb.output(1, "rank 1 is not streamed\n")
+    feed(nb, recorded(), clock)
+
+    assert out.getvalue() == "epoch 0 done\n 50%\r"  # rank 0's text, untouched
+    row0, row1 = nb.rows
+    assert "running" in row0.state.value and row0.progress.value == 50.0
+    assert row0.progress.bar_style == ""
+    assert "epoch 2/3 › train 10/20 (50%)" in row0.info.value
+    assert "loss=0.03226" in row0.metrics.value
+    assert "failed" in row1.state.value and row1.progress.bar_style == "danger"
+    assert "ValueError, exit code 1" in row1.info.value
+    assert "rank 1 failed: ValueError, exit code 1" in nb.failures.value
+    assert "bad batch 10 on rank 1 &lt;&amp;&gt;" in nb.failures.value  # escaped
+    assert "<circle" in nb.chart.value  # the chart's first point; redrawn at most 2/s
+    clock.t += 1
+    nb.tick()  # what the supervision loop calls between events
+    assert "<polyline" in nb.chart.value and nb.chart.layout.display == ""
+    assert "running" in nb.header.value
+
+    nb.stop(failed_job(tmp_path))
+    kind, final, final_id = publisher.shown[-1]
+    assert kind == "update" and final_id == display_id  # replaces the widgets in place
+    assert set(final) == {"text/html", "text/plain"}
+    assert final["text/plain"].splitlines()[0].startswith(
+        "nbdist job 20260101-000000-abcdef failed in 0:07")
+    assert "rank 1 failed  ValueError, exit code 1" in final["text/plain"]
+    assert "bad batch 10" in final["text/plain"]
+    assert "rank 0</td><td><span style=\"color:#bc4c00; font-weight:600\">killed" in \
+        final["text/html"]
+    assert "<polyline" in final["text/html"]
+    assert row0.progress.comm is None and nb.box.comm is None  # widgets closed
+
+
+def test_notebook_success_shows_every_rank_done_at_100(tmp_path):
+    nb, clock, out, publisher = notebook()
+    nb.start(make_job(tmp_path))
+    header_values = []
+    nb.header.observe(lambda change: header_values.append(clock.t), "value")
+    events = succeeded(epochs=3, steps=40)
+    feed(nb, events, clock)
+    span = events[-1].time - events[0].time
+    # redraws at most every RENDER_INTERVAL although events come at 40 Hz
+    assert len(header_values) <= span / RENDER_INTERVAL + 2
+    nb.stop(end(make_job(tmp_path), "succeeded", ["done", "done"], [0, 0]))
+    for row in nb.rows:
+        assert row.progress.value == 100.0 and row.progress.bar_style == "success"
+        assert "done" in row.state.value and "epoch 3/3 (100%)" in row.info.value
+    text = publisher.shown[-1][1]["text/plain"]
+    assert text.splitlines()[0].startswith("nbdist job 20260101-000000-abcdef succeeded")
+    assert "(2 ranks: 2 done)" in text.splitlines()[0]
+    for r in range(2):
+        assert f"rank {r} done  epoch 3/3 (100%)" in text
+
+
+def test_notebook_all_ranks_streams_prefixed_output(tmp_path):
+    nb, clock, out, publisher = notebook(all_ranks=True)
+    job = make_job(tmp_path)
+    nb.start(job)
+    nb.output(0, "zero\n")
+    nb.output(1, "one")
+    nb.stop(end(job, "succeeded", ["done", "done"], [0, 0]))
+    assert out.getvalue() == "[rank 0] zero\n[rank 1] one\n"
+
+
+# --- choosing and guarding ------------------------------------------------------------------
+class Exploding(Display):
+    def event(self, event):
+        raise RuntimeError("boom in the display")
+
+
+def test_a_failing_display_falls_back_to_plain_and_keeps_the_output(tmp_path, caplog):
+    out = io.StringIO()
+    guarded = GuardedDisplay(Exploding(), fallback=lambda: PlainDisplay(stream=out))
+    job = make_job(tmp_path)
+    guarded.start(job)
+    with caplog.at_level(logging.WARNING, logger="nbdist.display"):
+        guarded.event(recorded()[0])
+    assert "Exploding display failed in event()" in caplog.text
+    assert "boom in the display" in caplog.text
+    guarded.output(0, "still shown\n")
+    guarded.stop(end(job, "succeeded", ["done", "done"], [0, 0]))
+    assert out.getvalue().startswith("still shown\n[nbdist] job ")
+
+
+def test_the_stop_button_goes_through_the_guard(tmp_path):
+    class Interrupted(Display):
+        def tick(self):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        GuardedDisplay(Interrupted()).tick()
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_create_picks_by_environment(monkeypatch):
+    from nbdist.display.terminal import TerminalDisplay
+
+    with pytest.raises(InvalidArgumentError, match="display='fancy' is not one of"):
+        displays.create("fancy")
+    assert type(displays.create("none")) is Display
+    assert displays.resolve("auto") == "plain"  # pytest's stdout is not a terminal
+    assert isinstance(displays.create().inner, PlainDisplay)
+    monkeypatch.setattr(sys, "stdout", FakeTTY())
+    assert isinstance(displays.create(all_ranks=True).inner, TerminalDisplay)
+    assert displays.create(all_ranks=True).all_ranks is True
+    monkeypatch.setenv("TERM", "dumb")
+    assert displays.resolve() == "plain"
+    monkeypatch.setenv(displays.ENV_DISPLAY, "none")
+    assert displays.resolve() == "none"
+    # outside a kernel, an explicit notebook display becomes plain text
+    assert isinstance(displays.create("notebook").inner, PlainDisplay)
+
+
+def test_missing_rich_or_ipywidgets_means_plain_text(monkeypatch):
+    for name in list(sys.modules):  # None in sys.modules: "import fails"
+        if name.split(".")[0] in ("rich", "ipywidgets"):
+            monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "rich", None)
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)
+    monkeypatch.delitem(sys.modules, "nbdist.display.terminal", raising=False)
+    monkeypatch.delitem(sys.modules, "nbdist.display.notebook", raising=False)
+    monkeypatch.setattr(displays, "in_jupyter_kernel", lambda: True)
+    assert isinstance(displays.create("notebook").inner, PlainDisplay)
+    assert isinstance(displays.create("terminal").inner, PlainDisplay)
+
+
+def test_import_nbdist_does_not_import_display_libraries():
+    code = ("import sys, nbdist, nbdist.display; "
+            "print([m for m in ('ipywidgets', 'rich', 'IPython') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+# --- the worker's side ----------------------------------------------------------------------
+def test_track_and_report_send_throttled_events(tmp_path, monkeypatch):
+    from nbdist import runtime
+
+    monkeypatch.setattr(runtime, "_pending_metrics", {})
+    monkeypatch.setattr(runtime, "_report_step", 0)
+    monkeypatch.setattr(runtime, "_last_metrics_emit", 0.0)
+    writer = ChannelWriter(tmp_path / "events-rank-0.jsonl")
+    runtime._attach(writer)
+    try:
+        for i in runtime.track(range(50_000), desc="fast"):
+            runtime.report(loss=1.0 / (i + 1))
+        assert list(runtime.track(iter([1, 2]))) == [1, 2]
+    finally:
+        runtime._attach(None)
+        writer.close()
+    events = ChannelReader({0: tmp_path / "events-rank-0.jsonl"}).poll()
+    progress = [e.data for e in events if e.kind == "progress"]
+    metrics = [e.data for e in events if e.kind == "metrics"]
+    assert progress[0] == {"bar": progress[0]["bar"], "desc": "fast", "n": 0, "total": 50_000}
+    assert progress[1]["n"] == 50_000 or not progress[1].get("closed")
+    fast = [p for p in progress if p["desc"] == "fast"]
+    assert fast[-1]["closed"] and fast[-1]["n"] == 50_000
+    assert len(events) < 100  # 50k iterations, a handful of events
+    # the last value was held back by the throttle and sent when the loop ended
+    assert metrics[-1] == {"values": {"loss": 1.0 / 50_000}, "step": 50_000}
+    unknown = [p for p in progress if p["desc"] is None]
+    assert unknown[-1] == {"bar": unknown[-1]["bar"], "desc": None, "n": 2,
+                           "total": None, "closed": True}
+
+
+def test_channel_reader_never_reorders_one_ranks_events(tmp_path):
+    paths = {r: tmp_path / f"events-rank-{r}.jsonl" for r in range(2)}
+    lines = {0: [("a", 10.0), ("b", 9.0), ("c", 11.0)],  # rank 0's clock stepped back
+             1: [("x", 9.5), ("y", 10.5)]}
+    for rank, items in lines.items():
+        paths[rank].write_text("".join(json.dumps({"kind": "status", "time": t,
+                                                   "state": s}) + "\n" for s, t in items))
+    with open(paths[1], "a") as f:
+        f.write('{"kind": "status", "time": 12.0, "sta')  # half written: later
+    events = ChannelReader(paths).poll()
+    assert [e.data["state"] for e in events if e.rank == 0] == ["a", "b", "c"]
+    assert [e.data["state"] for e in events if e.rank == 1] == ["x", "y"]
+    assert len(events) == 5
+
+
+# --- a real job in a real Jupyter kernel ------------------------------------------------------
+SETUP_CELL = """
+import os
+os.environ["NBDIST_HOME"] = {home!r}
+%load_ext nbdist
+"""
+TRAIN_CELL = """%%distributed --nprocs 2
+import time
+total = 0
+for epoch in track(range(2), desc="epoch"):
+    for step in track(range(8), desc="train"):
+        time.sleep(0.03)
+        total += 1
+        report(loss=1.0 / (1 + step + 8 * epoch))
+    print(f"epoch {epoch} done on rank {rank}", flush=True)
+"""
+
+
+def start_kernel(tmp_path):
+    """This Python's ipykernel, whatever kernelspecs the machine has installed."""
+    from jupyter_client import KernelManager
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = tmp_path / "kernels" / "nbdist-display-test"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "nbdist display test", "language": "python"}))
+    km = KernelManager(kernel_name=spec.name,
+                       kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(spec.parent)]))
+    km.start_kernel(cwd=str(tmp_path))
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
+    return km, kc
+
+
+def run_cell(kc, code: str, models: dict[str, dict], timeout: float = 120) -> list[dict]:
+    """Execute ``code``; return its output messages, folding widget state into ``models``."""
+    msg_id = kc.execute(code)
+    outputs = []
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+        kind, content = msg["msg_type"], msg["content"]
+        if kind == "comm_open":
+            models[content["comm_id"]] = dict(content["data"]["state"])
+        elif kind == "comm_msg" and content["data"].get("method") == "update":
+            models[content["comm_id"]].update(content["data"]["state"])
+        elif msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        elif kind == "status" and content["execution_state"] == "idle":
+            return outputs
+        elif kind not in ("status", "execute_input"):
+            outputs.append(msg)
+
+
+def test_real_kernel_magic_shows_every_rank_done_at_100(nbdist_home, tmp_path):
+    """A ``%%distributed`` cell in an ipykernel: auto picks the widgets; read their state."""
+    km, kc = start_kernel(tmp_path)
+    models: dict[str, dict] = {}
+    try:
+        setup = run_cell(kc, SETUP_CELL.format(home=nbdist_home), models)
+        assert not [m for m in setup if m["msg_type"] == "error"], setup
+        outputs = run_cell(kc, TRAIN_CELL, models)
+        check = run_cell(kc, "print(total)", models)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+    by_kind: dict[str, list[dict]] = {}
+    for msg in outputs:
+        by_kind.setdefault(msg["msg_type"], []).append(msg["content"])
+    assert "error" not in by_kind, by_kind.get("error")
+    printed = [m["content"]["text"] for m in check if m["msg_type"] == "stream"]
+    assert printed == ["16\n"]  # the cell's result came back
+
+    bars = [m for m in models.values() if m.get("_model_name") == "FloatProgressModel"]
+    assert len(bars) == 2
+    assert all(m["value"] == 100.0 and m["bar_style"] == "success" for m in bars), bars
+    rows = [m for m in models.values() if m.get("_model_name") == "HTMLModel"
+            and "epoch" in m.get("value", "")]
+    assert len(rows) == 2 and all("epoch 2/2 (100%)" in m["value"] for m in rows), rows
+
+    shown, = by_kind["display_data"]
+    assert "application/vnd.jupyter.widget-view+json" in shown["data"]
+    final, = by_kind["update_display_data"]
+    assert final["transient"]["display_id"] == shown["transient"]["display_id"]
+    text = final["data"]["text/plain"]
+    assert " succeeded in " in text.splitlines()[0] and "2 done" in text.splitlines()[0]
+    for r in range(2):
+        assert f"rank {r} done  epoch 2/2 (100%)" in text
+    assert "loss=" in text and "<polyline" in final["data"]["text/html"]
+    streamed = "".join(s["text"] for s in by_kind["stream"] if s["name"] == "stdout")
+    assert "epoch 1 done on rank 0" in streamed and "on rank 1" not in streamed

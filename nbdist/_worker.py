@@ -28,7 +28,7 @@ from nbdist import payload, runtime
 from nbdist.channel import (DONE, FAILED, JOINING, READY, RUNNING, STARTING,
                             ChannelWriter)
 from nbdist.errors import add_note
-from nbdist.jobdir import JobDir, write_bytes_atomic
+from nbdist.jobdir import JobDir, check_private, write_bytes_atomic
 
 HEARTBEAT = 5.0
 WATCH_INTERVAL = 0.5
@@ -67,6 +67,8 @@ def main(job_dir: str) -> None:
 
 def _load_payload(job: JobDir, rank: int) -> tuple:
     try:
+        check_private(job.path)  # unpickling runs code: only from the user's own files
+        check_private(job.payload)
         return payload.load(job.payload)
     except Exception as exc:
         add_note(exc, f"[nbdist] while loading the job's function and arguments on rank "

@@ -27,7 +27,7 @@ from nbdist import display as displays
 from nbdist import payload
 from nbdist.channel import DONE, FAILED, JOINING, STARTING, ChannelReader
 from nbdist.errors import InitTimeoutError, InvalidArgumentError, JobTimeoutError
-from nbdist.job import Job, RankStatus, diagnose, read_results
+from nbdist.job import Job, RankStatus, diagnose, prune_jobs, read_results
 from nbdist.jobdir import JobDir, tail
 from nbdist.launcher import Launch, entry_script
 
@@ -74,6 +74,7 @@ def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
     """
     plan = plan_job(fn, nprocs=nprocs, gpus=gpus, backend=backend, timeout=timeout,
                     init_timeout=init_timeout)
+    prune_jobs()
     job_dir = JobDir.create()
     _pack(job_dir, fn, args, kwargs, plan, return_all)
     job = Job(id=job_dir.id, dir=str(job_dir.path), nprocs=plan.nprocs,

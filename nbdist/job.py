@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,9 @@ from nbdist.errors import (LaunchError, RemoteError, RemoteTraceback,
 from nbdist.jobdir import JobDir, base_dir, check_private, tail, write_json_atomic
 
 LOG_TAIL_LINES = 20
+ENV_KEEP = "NBDIST_KEEP_JOBS"
+DEFAULT_KEEP = 50
+STALE_UNFINISHED = 7 * 24 * 3600  # a folder without job.json this old is a dead caller's
 
 
 @dataclass
@@ -93,6 +97,35 @@ def jobs() -> list[Job]:
             except (ValueError, TypeError, KeyError):
                 continue  # a record from an incompatible version
     return found
+
+
+def prune_jobs(keep: int | None = None) -> list[str]:
+    """Delete old job folders, keeping the newest ``keep`` (``$NBDIST_KEEP_JOBS``, 50).
+
+    Never deleted: a job whose result was not loaded yet (a finished training run
+    must not vanish before the user had it) and a job that may still be running.
+    Returns the deleted folders.
+    """
+    if keep is None:
+        keep = int(os.environ.get(ENV_KEEP, DEFAULT_KEEP))
+    folders = sorted(p for p in base_dir().iterdir() if p.is_dir())
+    deleted = []
+    for path in folders[:max(0, len(folders) - keep)]:
+        job_dir = JobDir(path)
+        if job_dir.record.exists():
+            try:
+                record = Job.load(path)
+            except (ValueError, TypeError, KeyError):
+                record = None
+            unloaded = (record is not None and record.status == "succeeded"
+                        and not record.result_loaded)
+            if unloaded:
+                continue
+        elif time.time() - path.stat().st_mtime < STALE_UNFINISHED:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        deleted.append(str(path))
+    return deleted
 
 
 def load_result(job_dir: str | os.PathLike, *, rank: int | None = None):

@@ -96,7 +96,10 @@ class JobDir:
     @classmethod
     def create(cls) -> "JobDir":
         jobs = base_dir()
-        job_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+        now = time.time()
+        # sorts by creation time (to the millisecond), unique thanks to the random tail
+        job_id = (time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+                  + f"-{int(now * 1000) % 1000:03d}-{secrets.token_hex(2)}")
         path = jobs / job_id
         path.mkdir(mode=0o700)
         return cls(path)

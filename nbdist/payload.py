@@ -47,7 +47,7 @@ def load(path: Path) -> Any:
 def warn_if_large(size: int, what: str) -> None:
     if size > LARGE_PAYLOAD_BYTES:
         warnings.warn(
-            f"nbdist: the {what} is {size / 2**30:.1f} GiB. Every job writes it to disk "
+            f"nbdist: the {what} is {size / 2**20:,.0f} MiB. Every job writes it to disk "
             "first; consider loading large data inside the function instead of "
             "passing it in.", stacklevel=3)
 

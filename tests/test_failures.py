@@ -87,6 +87,16 @@ def noop():
     return "ok"
 
 
+class DiesWhilePickled:
+    def __reduce__(self):
+        print("killed while writing the result", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def die_while_saving_result():
+    return {"weights": torch.ones(1_000_000), "bomb": DiesWhilePickled()}
+
+
 class SlowToUnpickleOnRank1:
     """Stalls rank 1 before it can join the process group."""
 
@@ -130,6 +140,8 @@ FAULTS = {
                   nbdist.InitTimeoutError, "ranks [1] did not join", None, 3),
     "module-missing-on-workers": (lambda x: None, ("ghost",), {},
                                   ModuleNotFoundError, "ghost_module", None, 5),
+    "killed-while-writing-result": (die_while_saving_result, (), {},
+                                    nbdist.WorkerCrashedError, "SIGKILL", 0, 5),
     "unpicklable-result": (return_generator, (), {}, nbdist.PicklingError,
                            "generator", 0, 5),
 }
@@ -165,7 +177,8 @@ def test_fault(fault, capfd):
     if fault == "exception-that-cannot-come-back":
         assert exc.type_name.endswith("UnpicklableError") and "x and y" in str(exc)
     if isinstance(exc, nbdist.WorkerCrashedError):
-        assert exc.log_tail.strip().endswith(("about to be killed", "leaving without a word"))
+        assert exc.log_tail.strip().endswith(
+            ("about to be killed", "leaving without a word", "killed while writing the result"))
     if fault == "two-ranks-fail" and read_error(JobDir(nbdist.last_job().dir), 0):
         assert any("rank 0" in note for note in exc.__notes__)
     if fault == "module-missing-on-workers":
@@ -173,6 +186,8 @@ def test_fault(fault, capfd):
     if fault == "timeout":
         assert exc.running_ranks == [0, 1]
     job = nbdist.last_job()
+    if fault == "killed-while-writing-result":  # never a half-written result
+        assert not JobDir(job.dir).result(0).exists()
     assert job.status in ("failed", "timeout")
     assert os.path.isdir(job.dir)  # logs are kept
 

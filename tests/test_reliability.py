@@ -1,0 +1,166 @@
+"""Issue 6 hardening: interrupts in every phase, retention, privacy, soak, floods of output."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import _thread
+
+import psutil
+import pytest
+import torch
+
+import nbdist
+from conftest import wait_gone
+from helpers import job_dirs, rank_states, worker_pids
+from nbdist import payload
+from nbdist.job import Job, RankStatus, prune_jobs
+from nbdist.jobdir import JobDir
+from test_failures import SlowToUnpickleOnRank1, noop
+
+
+class InterruptWhilePacking:
+    def __reduce__(self):
+        raise KeyboardInterrupt  # as if the user pressed stop while the payload is written
+
+
+def _interrupt_in_caller():
+    if "RANK" not in os.environ:  # only when the caller unpickles the result
+        raise KeyboardInterrupt
+    return None
+
+
+class InterruptWhileCollecting:
+    def __reduce__(self):
+        return (_interrupt_in_caller, ())
+
+
+def return_interrupting_result():
+    return InterruptWhileCollecting()
+
+
+def _job_processes() -> list[int]:
+    return [p.pid for p in psutil.Process().children(recursive=True)]
+
+
+def _interrupt_when(home: str, phase: str, seen: list[int]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        agents = [p for p in psutil.Process().children()
+                  if "nbdist._agent" in " ".join(p.cmdline())]
+        if phase == "starting" and agents:
+            break
+        if phase == "init" and job_dirs(home) and any(
+                s["state"] == "joining" for s in rank_states(job_dirs(home)[-1]).values()):
+            break
+        time.sleep(0.01)
+    seen.extend(_job_processes())
+    if job_dirs(home):
+        seen.extend(worker_pids(job_dirs(home)[-1]))
+    _thread.interrupt_main()
+
+
+PHASES = {
+    # phase: (fn, args, interrupted from a thread?)
+    "packing": (noop, (InterruptWhilePacking(),), False),
+    "starting": (noop, (), True),
+    "init": (lambda x: None, (SlowToUnpickleOnRank1(),), True),
+    "collecting": (return_interrupting_result, (), False),
+}
+
+
+def test_interrupt_in_every_phase_leaves_nothing(nbdist_home):
+    """Stop pressed while packing, starting, joining and collecting (running: see
+    test_failures): KeyboardInterrupt, every process gone within 2 s, next run works."""
+    for phase, (fn, args, from_thread) in PHASES.items():
+        seen: list[int] = []
+        if from_thread:
+            threading.Thread(target=_interrupt_when, args=(nbdist_home, phase, seen),
+                             daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            nbdist.run_distributed(fn, *args, nprocs=2, display="none")
+        interrupted = time.monotonic()
+        seen.extend(_job_processes())
+        if phase == "starting":
+            assert seen, "the interrupt came before torchrun started"
+        assert wait_gone(seen, 5) + (time.monotonic() - interrupted) <= 2.0, phase
+    assert nbdist.run_distributed(noop, nprocs=2, display="none") == "ok"
+
+
+def flood(lines):
+    import sys
+
+    for i in range(lines):
+        sys.stdout.write(f"line {i}\n")
+    sys.stdout.flush()
+    os.write(1, bytes(range(256)) * 4 + b"\n")  # binary garbage, not UTF-8
+    print("x" * 1_000_000)  # one very long line
+    print("the end")
+    return lines
+
+
+def test_a_flood_of_output_is_delivered_whole_and_logged(capfd):
+    lines = 1_000_000
+    assert nbdist.run_distributed(flood, lines, nprocs=2) == lines
+    out = capfd.readouterr().out.split("\n")
+    got = [line for line in out if line.startswith("line ")]
+    assert len(got) == lines and got[0] == "line 0" and got[-1] == f"line {lines - 1}"
+    assert "x" * 1_000_000 in out and "the end" in out
+    log = open(nbdist.last_job().ranks[0].log, "rb").read()
+    assert bytes(range(256)) * 4 in log  # the log file keeps the exact bytes
+
+
+def test_back_to_back_jobs_do_not_leak():
+    runs = int(os.environ.get("NBDIST_SOAK_JOBS", "6"))
+    me = psutil.Process()
+
+    def usage():
+        return me.num_fds(), me.num_threads(), len(me.children(recursive=True)), me.memory_info().rss
+
+    nbdist.run_distributed(noop, nprocs=2, display="none")  # warm-up: imports, caches
+    fds, threads, children, rss = usage()
+    for _ in range(runs):
+        assert nbdist.run_distributed(noop, nprocs=2, display="none") == "ok"
+    fds2, threads2, children2, rss2 = usage()
+    assert (fds2, threads2, children2) == (fds, threads, 0)
+    assert rss2 - rss < 30 * 2**20, f"RSS grew by {(rss2 - rss) / 2**20:.1f} MiB"
+
+
+def test_large_payload_warns(monkeypatch):
+    monkeypatch.setattr(payload, "LARGE_PAYLOAD_BYTES", 1 << 20)
+    with pytest.warns(UserWarning, match="loading large data inside the function"):
+        nbdist.run_distributed(torch.numel, torch.zeros(1 << 19), nprocs=1, display="none")
+
+
+def _fake_job(status: str, loaded: bool, result: bool = True) -> Job:
+    job_dir = JobDir.create()
+    job = Job(id=job_dir.id, dir=str(job_dir.path), nprocs=1, backend="gloo",
+              status=status, result_loaded=loaded, ranks=[RankStatus(0)])
+    if result:
+        payload.dump({"w": torch.ones(2)}, job_dir.result(0))
+    job.save()
+    return job
+
+
+def test_retention_keeps_recent_jobs_and_unloaded_results():
+    unloaded = _fake_job("succeeded", loaded=False)
+    old = [_fake_job("succeeded", loaded=True) for _ in range(3)] + [
+        _fake_job("failed", loaded=False, result=False)]
+    recent = [_fake_job("succeeded", loaded=True) for _ in range(2)]
+    deleted = prune_jobs(keep=2)
+    assert sorted(deleted) == sorted(j.dir for j in old)
+    assert [j.id for j in nbdist.jobs()] == [unloaded.id] + [j.id for j in recent]
+    assert torch.equal(nbdist.load_result(unloaded.dir)["w"], torch.ones(2))
+    assert Job.load(unloaded.dir).result_loaded  # loaded now: the next prune may drop it
+
+
+def test_refuses_to_unpickle_from_folders_others_can_write():
+    job = _fake_job("succeeded", loaded=False)
+    os.chmod(job.dir, 0o777)
+    with pytest.raises(PermissionError, match="writable by other users"):
+        nbdist.load_result(job.dir)
+    os.chmod(job.dir, 0o700)
+    os.chmod(JobDir(job.dir).result(0), 0o666)
+    with pytest.raises(PermissionError, match="chmod go-w"):
+        nbdist.load_result(job.dir)

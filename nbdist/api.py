@@ -233,6 +233,10 @@ def _worker_env(plan: Plan, extra: dict[str, str] | None) -> dict[str, str]:
     # torchrun sets 1 anyway when unset, and prints a banner about it
     env.setdefault("OMP_NUM_THREADS", "1")
     env["NBDIST_DEVICE"] = plan.device
+    if plan.backend == "gloo" and os.path.exists("/sys/class/net/lo"):
+        # a single-machine job: keep gloo's sockets on loopback, not on whatever
+        # interface the host name resolves to
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     if plan.visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = plan.visible_devices
     return env

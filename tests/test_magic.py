@@ -1,0 +1,269 @@
+"""``%%distributed`` in a real Jupyter kernel: globals in, names out, errors, interrupts.
+
+One kernel serves the whole module (starting one, and importing torch in it, costs
+seconds); every test points the kernel's ``NBDIST_HOME`` at the test's own folder so
+the leftover-process check of ``conftest.py`` sees its workers. torchrun launches are
+few and each checks several things.
+"""
+
+from __future__ import annotations
+
+import re
+import textwrap
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from conftest import wait_gone
+from helpers import REPO, job_dirs, wait_for_ranks, worker_pids
+from kernel_util import Kernel, kernel_manager
+from nbdist.magic import names_assigned, names_read
+
+EXAMPLE = REPO / "examples" / "mnist_ddp.ipynb"
+
+
+@pytest.fixture(scope="module")
+def shared_kernel(tmp_path_factory):
+    km = kernel_manager(tmp_path_factory.mktemp("kernelspec"))
+    km.start_kernel(cwd=str(tmp_path_factory.mktemp("kernel-cwd")))
+    kernel = Kernel(km)
+    try:
+        kernel.run("%load_ext nbdist\nimport os, sys, threading, torch, nbdist")
+        yield kernel
+    finally:
+        kernel.shutdown()
+
+
+@pytest.fixture
+def kernel(shared_kernel, nbdist_home):
+    shared_kernel.run(f"os.environ['NBDIST_HOME'] = {nbdist_home!r}")
+    return shared_kernel
+
+
+def cell(magic_line: str, body: str) -> str:
+    return f"%%{magic_line}\n" + textwrap.dedent(body).strip("\n")
+
+
+# ------------------------------------------------------------------ no launch needed
+
+def test_names_read_and_assigned_follow_python_scoping():
+    source = textwrap.dedent("""
+        import torch.nn as nn
+        model = Net(hidden)
+        for x, y in loader:
+            loss = crit(model(x), y)
+            total += loss
+        def f(a, b=default):
+            return [z * k for z in g(a, b) if z > thresh]
+        class C(Base):
+            def m(self):
+                global counter
+                counter = attr
+        with ctx() as h:
+            q = h + 1
+        print(q, model, x)
+    """)
+    assert names_read(source) == ["Net", "hidden", "loader", "crit", "total", "default",
+                                  "g", "k", "thresh", "Base", "attr", "ctx", "print", "x"]
+    assert names_assigned(source) == ["nn", "model", "x", "y", "loss", "total", "f", "C",
+                                      "h", "q", "counter"]
+
+
+BAD_CELLS = [  # (magic line, body, ename shown, what the message must say)
+    ("distributed --bogus", "x = 1", "UsageError", "unrecognized arguments: --bogus"),
+    ("distributed --nprocs two", "x = 1", "UsageError", "invalid int value: 'two'"),
+    ("nbdist --nprocs 0", "x = 1", "UsageError", "nprocs must be a positive integer"),
+    ("distributed --timeout -1", "x = 1", "UsageError", "timeout must be a positive"),
+    ("distributed --out 1x,y", "x = 1", "UsageError", "--out takes variable names"),
+    ("distributed --gpus 2", "x = 1", "UsageError", "no usable CUDA GPU"),
+    ("distributed --backend nccl", "x = 1", "UsageError", "needs GPUs"),
+    ("distributed", "x = (1", "SyntaxError", "never closed"),
+    ("distributed", "print(lock)", "PicklingError",
+     "the notebook variable lock (a lock) cannot be sent"),
+    ("distributed", "use_lock()", "PicklingError",
+     "the notebook variable lock (used by use_lock)"),
+]
+
+
+@pytest.mark.parametrize("magic_line,body,ename,message", BAD_CELLS,
+                         ids=[f"{c[0]}|{c[1]}" for c in BAD_CELLS])
+def test_bad_cells_fail_before_anything_starts(kernel, nbdist_home, magic_line, body,
+                                               ename, message):
+    kernel.run("lock = threading.Lock()\ndef use_lock():\n    return lock")
+    reply = kernel.execute(cell(magic_line, body))
+    assert reply.status == "error", reply
+    if ename == "UsageError":  # IPython prints these without a traceback
+        assert f"UsageError: usage: %%distributed [--nprocs N]" in reply.stderr, reply
+        assert message in reply.stderr, reply
+    else:
+        assert reply.ename == ename, reply
+        assert message in reply.error_text, reply
+    if ename == "PicklingError":
+        assert "Create it inside the cell" in reply.error_text
+        assert "magic.py" not in reply.error_text  # no nbdist internals
+    assert not any((d / "entry.py").exists() for d in job_dirs(nbdist_home)), \
+        "a job was started"
+
+
+def test_options_map_to_run_distributed_arguments(kernel):
+    kernel.run(textwrap.dedent("""
+        import nbdist.api
+        _calls, _real = [], nbdist.api.run_distributed
+        def _fake(fn, cell, captured, **options):
+            _calls.append(options)
+            return {"values": {"fake": 1}, "skipped": {}}
+        nbdist.api.run_distributed = _fake
+    """))
+    try:
+        kernel.run(cell("distributed --nprocs 3 --timeout 2.5 --all-ranks --backend gloo",
+                        "fake = 0"))
+        kernel.run(cell("nbdist --quiet", "fake = 0"))
+        calls = kernel.value("_calls")
+    finally:
+        kernel.run("nbdist.api.run_distributed = _real")
+    assert calls == [
+        {"nprocs": 3, "gpus": None, "backend": "gloo", "timeout": 2.5,
+         "display": "auto", "all_ranks": True},
+        {"nprocs": None, "gpus": None, "backend": None, "timeout": None,
+         "display": "none", "all_ranks": False},
+    ]
+
+
+# --------------------------------------------------------------------- real launches
+
+def test_globals_in_names_out_and_rank0_output(kernel):
+    kernel.run(textwrap.dedent("""
+        class Point:
+            def __init__(self, x):
+                self.x = x
+        def scale(t):
+            return t * 2
+        w = torch.ones(3)
+        device = "the notebook's"
+        unused_lock = threading.Lock()  # not read by the cell, so never pickled
+        for _name in ("p", "total", "ddp", "t", "lock", "seen", "on_rank"):
+            globals().pop(_name, None)
+    """))
+    reply = kernel.execute(cell("distributed --nprocs 2", """
+        import torch.nn as nn
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        on_rank = sorted(globals())
+        p = Point(rank)
+        total = scale(w).sum().item()
+        ddp = DDP(nn.Linear(2, 2))
+        t = torch.full((2,), float(rank), device=device)
+        seen = (type(rank).__name__, type(device).__name__, world_size, local_rank,
+                is_main(), all(map(callable, (track, report, barrier, rank0_first))))
+        print(f"hello from rank {rank}")
+        lock = threading.Lock()
+    """), timeout=180)
+    assert reply.status == "ok", reply
+    assert "hello from rank 0" in reply.stdout
+    assert "hello from rank 1" not in reply.stdout + reply.stderr
+    assert "[nbdist] from rank 0: nn, DDP, on_rank, p, total, ddp, t, seen" in reply.stdout
+    assert re.search(r"'lock' did not come back: a lock cannot be pickled", reply.stderr)
+
+    # only what the cell reads travelled, plus the predefined names
+    assert kernel.value("on_rank") == sorted([
+        "__builtins__", "__name__", "DDP", "nn", "Point", "scale", "w", "torch",
+        "threading", "rank", "local_rank", "world_size", "device", "track", "report",
+        "barrier", "is_main", "rank0_first"])
+    assert kernel.value("isinstance(p, Point), p.x") == (True, 0)
+    assert kernel.value("total") == 6.0
+    assert kernel.value("type(ddp).__name__, isinstance(ddp, torch.nn.Linear)") == ("Linear", True)
+    assert kernel.value("t.device.type, t.tolist()") == ("cpu", [0.0, 0.0])
+    assert kernel.value("seen") == ("int", "device", 2, 0, True, True)
+    # predefined names are not pushed back; the unpicklable one stayed behind
+    assert kernel.value("device, 'lock' in globals()") == ("the notebook's", False)
+
+
+def test_out_restricts_names_and_all_ranks_streams_every_rank(kernel):
+    kernel.run("for _name in ('a', 'b', 'c'):\n    globals().pop(_name, None)")
+    reply = kernel.execute(cell("nbdist --nprocs 2 --out a,c --all-ranks", """
+        a = rank + 10
+        b = 5
+        print(f"line from rank {rank}")
+    """), timeout=180)
+    assert reply.status == "ok", reply
+    assert "[rank 0] line from rank 0" in reply.stdout
+    assert "[rank 1] line from rank 1" in reply.stdout
+    assert "'c' did not come back: it is not defined on rank 0" in reply.stderr
+    assert kernel.value("a, 'b' in globals(), 'c' in globals()") == (10, False, False)
+
+
+def test_rank_exception_is_the_users_own_with_the_cells_traceback(kernel):
+    kernel.run(textwrap.dedent("""
+        class TrainingDiverged(Exception):
+            pass
+        def check(loss):
+            if loss != loss:
+                raise TrainingDiverged(f"loss is {loss}")
+    """))
+    reply = kernel.execute(cell("distributed --nprocs 2", """
+        loss = 0.5
+        if rank == 1:
+            loss = float("nan")
+        check(loss)
+    """), timeout=180)
+    assert reply.status == "error", reply
+    assert (reply.ename, reply.evalue) == ("TrainingDiverged", "loss is nan")
+    text = reply.error_text
+    assert "Traceback on rank 1 (most recent call last):" in text
+    assert re.search(r'File "<nbdist-cell In\[\d+\]>", line 5, in <module>\n    check\(loss\)',
+                     text), text
+    # the notebook function's frame shows its source, named as IPython names cells
+    assert re.search(r"Cell In\[\d+\], line 5, in check\n"
+                     r"    raise TrainingDiverged\(f\"loss is \{loss\}\"\)", text), text
+    assert "[nbdist] raised on rank 1 of 2" in text
+    for internal in ("_worker.py", "magic.py", "api.py", "exec(cell.compile()"):
+        assert internal not in text, text
+    # the exception object in the notebook is the notebook's class
+    assert kernel.value("type(sys.last_value) is TrainingDiverged, "
+                        "sys.last_value.nbdist_rank") == (True, 1)
+
+
+def test_interrupt_stops_every_rank_and_the_next_cell_works(kernel, nbdist_home):
+    pending = kernel.submit(cell("distributed --nprocs 2", """
+        import time
+        print("started", flush=True)
+        while True:
+            time.sleep(0.05)
+    """))
+    pending.wait_for(lambda r: "started" in r.stdout, timeout=180)
+    pids = worker_pids(wait_for_ranks(nbdist_home, "running", 2))
+    assert len(pids) == 2
+    kernel.km.interrupt_kernel()
+    interrupted = time.monotonic()
+    reply = pending.result(timeout=60)
+    assert reply.ename == "KeyboardInterrupt", reply
+    assert "every rank was stopped" in reply.error_text
+    assert wait_gone(pids, 5) + (time.monotonic() - interrupted) < 5
+
+    # the kernel and nbdist keep working; --quiet shows nothing but still returns
+    assert kernel.value("6 * 7") == 42
+    reply = kernel.execute(cell("distributed --nprocs 2 --quiet", "answer = world_size * 21"),
+                           timeout=180)
+    assert reply.status == "ok", reply
+    assert reply.stdout == "" and reply.stderr == "", reply
+    assert kernel.value("answer") == 42
+
+
+def test_example_notebook_runs_top_to_bottom(tmp_path):
+    nb = nbformat.read(EXAMPLE, as_version=4)
+    km = kernel_manager(tmp_path / "kernelspec")
+    try:
+        NotebookClient(nb, km=km, timeout=300,
+                       resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:  # nbclient leaves a kernel it did not create running
+        if km.has_kernel:
+            km.shutdown_kernel(now=False)
+    text = "\n".join(out.get("text", "") for c in nb.cells if c.cell_type == "code"
+                     for out in c.get("outputs", ()))
+    assert text.count("writing the training set once") == 1, text  # rank 0 only
+    assert "effective batch 64" in text and "epoch 1: loss" in text, text
+    assert "[nbdist] from rank 0: state, history" in text, text
+    accuracy = float(re.search(r"test accuracy: ([0-9.]+)", text).group(1))
+    assert accuracy > 0.9, text

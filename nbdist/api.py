@@ -74,6 +74,7 @@ def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
     """
     plan = plan_job(fn, nprocs=nprocs, gpus=gpus, backend=backend, timeout=timeout,
                     init_timeout=init_timeout)
+    view = displays.create(display, all_ranks=all_ranks)
     prune_jobs()
     job_dir = JobDir.create()
     _pack(job_dir, fn, args, kwargs, plan, return_all)
@@ -81,7 +82,6 @@ def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
               backend=plan.backend, return_all=return_all,
               ranks=[RankStatus(r, log=str(job_dir.log(r))) for r in range(plan.nprocs)])
     _remember(job)
-    view = displays.create(display, all_ranks=all_ranks)
     launch = Launch(job_dir, plan.nprocs, _worker_env(plan, env))
     try:
         view.start(job)

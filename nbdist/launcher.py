@@ -94,12 +94,16 @@ class Launch:
         deadline = time.monotonic() + TERM_GRACE
         while time.monotonic() < deadline and self._alive(groups):
             time.sleep(0.02)
+        if self.proc.poll() is not None:
+            groups.discard(self.pid)  # reaped: its pid (= its group) may be reused
         _signal_groups(groups, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=0.3)
 
     def _groups(self) -> set[int]:
-        pids = {self.pid, *descendants(self.pid)}
+        pids: set[int] = set()
+        if self.proc.poll() is None:  # once reaped, its pid may belong to a stranger
+            pids = {self.pid, *descendants(self.pid)}
         pids.update(pid for pid in self.worker_pids.values() if _is_ours(pid, self.job))
         groups = set()
         for pid in pids:

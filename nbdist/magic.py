@@ -44,7 +44,7 @@ from typing import Any, Iterable
 import cloudpickle
 
 from nbdist import api, payload, runtime
-from nbdist.errors import InvalidArgumentError, NbdistError, PicklingError
+from nbdist.errors import InvalidArgumentError, NbdistError, PicklingError, add_note
 
 MAGIC_NAMES = ("distributed", "nbdist")  # "distributed" alone clashes with other packages
 
@@ -354,62 +354,20 @@ def _make_magic(shell):
             args = parse_argstring(distributed, line)
         except (UsageError, ValueError) as exc:  # ValueError: an unclosed quote
             raise UsageError(f"{usage}%%distributed: {exc}") from None
-        run_magic(shell, args, line, cell, usage=usage)
+        _run_magic(shell, args, line, cell, usage=usage)
 
     return distributed
 
 
-def run_magic(shell, args, line: str, body: str, *, usage: str = "") -> None:
+def _run_magic(shell, args, line: str, body: str, *, usage: str) -> None:
     """The magic's work, once its options are parsed (``args``)."""
-    from IPython.core.error import UsageError
-
-    options = {
-        "nprocs": args.nprocs, "gpus": args.gpus, "backend": args.backend,
-        "timeout": args.timeout, "display": "none" if args.quiet else "auto",
-        "all_ranks": args.all_ranks,
-    }
-    try:
-        api.plan_job(_run_cell, init_timeout=api.DEFAULT_INIT_TIMEOUT,
-                     **{k: options[k] for k in ("nprocs", "gpus", "backend", "timeout")})
-    except InvalidArgumentError as exc:
-        raise UsageError(f"{usage}%%distributed: {exc}") from None
+    options = _job_options(args, usage)
     outputs = _parse_out(args.out, usage) if args.out is not None else None
-    if not body.strip():
-        raise UsageError(f"{usage}%%distributed: the cell is empty; write the code to "
-                         f"run on every rank below the magic line")
-
-    filename = f"<nbdist-cell In[{shell.execution_count}]>"
-    text = f"%%{MAGIC_NAMES[0]} {line}".rstrip() + "\n" + body
-    _register_source(filename, text.splitlines(True))  # for SyntaxErrors and cell functions
-    compile_body(body, filename)  # a SyntaxError shows here, before anything starts
-    explicit = outputs is not None
-    if outputs is None:
-        outputs = [n for n in names_assigned(body)
-                   if n not in PREDEFINED and not _IPYTHON_MANAGED.fullmatch(n)]
-    captured = capture(shell, names_read(body))
-    cell = Cell(body=body, filename=filename, text=text, outputs=tuple(outputs),
-                explicit=explicit, sources=_notebook_sources(shell))
-
-    try:
-        result = api.run_distributed(_run_cell, cell, captured, **options)
-    except PicklingError as exc:
-        if hasattr(exc, "nbdist_rank"):  # raised on a rank: the cell's own doing
-            exc._render_traceback_ = _Rendered(_remote_lines(exc, shell))
-            raise
-        raise _unpicklable_global(captured, exc) from None
-    except KeyboardInterrupt as exc:
-        job = api.last_job()
-        exc._render_traceback_ = _Rendered([
-            "KeyboardInterrupt: the %%distributed cell was interrupted; every rank was "
-            f"stopped" + (f" (logs in {job.dir})" if job else "")])
-        raise
-    except BaseException as exc:
-        if hasattr(exc, "nbdist_rank"):
-            exc._render_traceback_ = _Rendered(_remote_lines(exc, shell))
-        elif isinstance(exc, NbdistError):  # timeouts, crashes: the message says it all
-            exc._render_traceback_ = _Rendered(_local_lines(exc))
-        raise
-
+    cell = _prepare(shell, line, body, outputs)
+    captured = _capture(shell, names_read(body))
+    result = _launch(shell, cell, captured, options)
+    if result is None:  # the cell called sys.exit() on rank 0
+        return
     shell.user_ns.update(result["values"])
     for name, why in result["skipped"].items():
         print(f"[nbdist] {name!r} did not come back: {why}. The other names did; return "
@@ -419,7 +377,67 @@ def run_magic(shell, args, line: str, body: str, *, usage: str = "") -> None:
         print(f"[nbdist] from rank 0: {', '.join(result['values'])}")
 
 
-def capture(shell, names: Iterable[str]) -> dict[str, Any]:
+def _job_options(args, usage: str) -> dict[str, Any]:
+    """run_distributed's keyword arguments; checked now, so nothing starts if one is bad."""
+    from IPython.core.error import UsageError
+
+    shape = {"nprocs": args.nprocs, "gpus": args.gpus, "backend": args.backend,
+             "timeout": args.timeout}
+    try:
+        api.plan_job(_run_cell, init_timeout=api.DEFAULT_INIT_TIMEOUT, **shape)
+    except InvalidArgumentError as exc:
+        raise UsageError(f"{usage}%%distributed: {exc}") from None
+    return {**shape, "display": "none" if args.quiet else "auto",
+            "all_ranks": args.all_ranks}
+
+
+def _prepare(shell, line: str, body: str, outputs: list[str] | None) -> Cell:
+    """Compile the cell here first (a SyntaxError shows before anything starts)."""
+    filename = f"<nbdist-cell In[{shell.execution_count}]>"
+    text = f"%%{MAGIC_NAMES[0]} {line}".rstrip() + "\n" + body
+    # registered here too: for the SyntaxError's line, and for functions the cell
+    # defines, whose frames point at this cell once they are back in the notebook
+    _register_source(filename, text.splitlines(True))
+    try:
+        compile_body(body, filename)
+    except SyntaxError as exc:
+        if re.search(r"(?m)^\s*[%!]", body):
+            add_note(exc, "[nbdist] the ranks run plain Python: IPython's %magics and "
+                          "!commands do not work inside a %%distributed cell")
+        raise
+    if outputs is None:
+        outputs = [n for n in names_assigned(body)
+                   if n not in PREDEFINED and not _IPYTHON_MANAGED.fullmatch(n)]
+        return Cell(body, filename, text, tuple(outputs), sources=_notebook_sources(shell))
+    return Cell(body, filename, text, tuple(outputs), explicit=True,
+                sources=_notebook_sources(shell))
+
+
+def _launch(shell, cell: Cell, captured: dict[str, Any], options: dict[str, Any]):
+    """run_distributed, with its errors made to look like the cell's own."""
+    try:
+        return api.run_distributed(_run_cell, cell, captured, **options)
+    except PicklingError as exc:
+        if not hasattr(exc, "nbdist_rank"):  # packing failed here: name the variable
+            raise _unpicklable_global(captured, exc) from None
+        exc._render_traceback_ = _Rendered(_remote_lines(exc, shell))
+        raise
+    except KeyboardInterrupt as exc:
+        job = api.last_job()
+        logs = f" (logs in {job.dir})" if job is not None and job.status == "interrupted" else ""
+        exc._render_traceback_ = _Rendered([
+            f"KeyboardInterrupt: the %%distributed cell was interrupted; every rank was "
+            f"stopped{logs}"])
+        raise
+    except BaseException as exc:
+        if hasattr(exc, "nbdist_rank"):
+            exc._render_traceback_ = _Rendered(_remote_lines(exc, shell))
+        elif isinstance(exc, NbdistError):  # timeouts, crashes: the message says it all
+            exc._render_traceback_ = _Rendered(_local_lines(exc))
+        raise
+
+
+def _capture(shell, names: Iterable[str]) -> dict[str, Any]:
     """The notebook's values of ``names``, leaving out IPython's own and the predefined."""
     hidden = shell.user_ns_hidden
     missing = object()
@@ -450,9 +468,11 @@ def _notebook_sources(shell) -> dict[str, list[str]]:
 
     IPython keeps them in ``linecache`` under names only it knows; the ranks get them
     so a frame in a function defined in the notebook shows its line."""
+    cell_name = getattr(shell.compile, "format_code_name", None)  # IPython >= 8
+    if cell_name is None:
+        return {}
     return {name: entry[2] for name, entry in list(linecache.cache.items())
-            if len(entry) == 4 and entry[1] is None
-            and shell.compile.format_code_name(name) is not None}
+            if len(entry) == 4 and entry[1] is None and cell_name(name) is not None}
 
 
 def _unpicklable_global(captured: dict[str, Any], cause: PicklingError) -> PicklingError:
@@ -518,8 +538,9 @@ def _from_the_cell(tb: str) -> str:
 def _name_notebook_cell(line: str, shell) -> str:
     """``File "/tmp/ipykernel_1/2.py", line 3`` → ``Cell In[4], line 3``, as IPython says."""
     match = _FRAME.match(line)
-    if match:
-        named = shell.compile.format_code_name(match["file"])
+    cell_name = getattr(shell.compile, "format_code_name", None)  # IPython >= 8
+    if match and cell_name is not None:
+        named = cell_name(match["file"])
         if named is not None:
             return f"  {named[0]} {named[1]}, line {match['line']}{line[match.end():]}"
     return line

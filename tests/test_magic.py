@@ -81,6 +81,7 @@ BAD_CELLS = [  # (magic line, body, ename shown, what the message must say)
     ("distributed --gpus 2", "x = 1", "UsageError", "no usable CUDA GPU"),
     ("distributed --backend nccl", "x = 1", "UsageError", "needs GPUs"),
     ("distributed", "x = (1", "SyntaxError", "never closed"),
+    ("distributed", "!ls", "SyntaxError", "%magics and !commands do not work"),
     ("distributed", "print(lock)", "PicklingError",
      "the notebook variable lock (a lock) cannot be sent"),
     ("distributed", "use_lock()", "PicklingError",

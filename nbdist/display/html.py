@@ -8,8 +8,9 @@ notebook still shows the outcome where widget state is not saved (nbviewer, GitH
 from __future__ import annotations
 
 import html
+import math
 
-from nbdist.display.state import (JobView, RankView, describe_failure, format_duration,
+from nbdist.display.state import (LOG_SCALE_SPAN, JobView, RankView, describe_failure, format_duration,
                                   format_metrics, format_value, progress_text)
 
 STATE_COLORS = {
@@ -21,6 +22,7 @@ JOB_COLORS = {"running": "#1f6feb", "succeeded": "#1a7f37", "failed": "#cf222e",
               "timeout": "#bc4c00", "interrupted": "#bc4c00"}
 SERIES_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c")
 MONO = "font-family: var(--jp-code-font-family, monospace); font-size: 12px"
+NOWRAP = "white-space: nowrap; overflow: hidden; text-overflow: ellipsis; display: block"
 
 
 def esc(text: object) -> str:
@@ -50,11 +52,12 @@ def info_html(view: JobView, rank: RankView) -> str:
                  f'{format_duration(idle)}</span>')
     if rank.state in ("failed", "crashed", "killed") and describe_failure(rank):
         extra += f' <span style="color:#cf222e">{esc(describe_failure(rank))}</span>'
-    return f'<span style="{MONO}">{esc(text)}</span>{extra}'
+    return f'<span style="{MONO}; {NOWRAP}">{esc(text)}{extra}</span>'
 
 
 def metrics_html(rank: RankView) -> str:
-    return f'<span style="{MONO}">{esc(format_metrics(rank.metrics))}</span>'
+    return (f'<span style="{MONO}; {NOWRAP}" title="{esc(format_metrics(rank.metrics, 99))}">'
+            f'{esc(format_metrics(rank.metrics))}</span>')
 
 
 def failures_html(view: JobView) -> str:
@@ -89,9 +92,13 @@ def chart_svg(view: JobView, width: int = 440, height: int = 120) -> str:
     xs = [p[0] for p in points]
     ys = [p[1] for p in points]
     x0, x1 = min(xs), max(xs)
-    y0, y1 = min(ys), max(ys)
+    low, high = min(ys), max(ys)
     if x1 == x0:
         x0, x1 = x0 - 1, x1 + 1
+    # a loss falling over decades is read on a log scale, else its tail looks flat
+    log = low > 0 and high / low >= LOG_SCALE_SPAN
+    scale = math.log10 if log else (lambda v: v)
+    y0, y1 = scale(low), scale(high)
     if y1 == y0:
         pad = abs(y0) * 0.05 or 1.0
         y0, y1 = y0 - pad, y1 + pad
@@ -100,7 +107,7 @@ def chart_svg(view: JobView, width: int = 440, height: int = 120) -> str:
         return left + (x - x0) / (x1 - x0) * plot_w
 
     def sy(y: float) -> float:
-        return top + (y1 - y) / (y1 - y0) * plot_h
+        return top + (y1 - scale(y)) / (y1 - y0) * plot_h
 
     shapes, legend = [], []
     for i, (key, values) in enumerate(series.items()):
@@ -125,10 +132,12 @@ def chart_svg(view: JobView, width: int = 440, height: int = 120) -> str:
         f'<text x="{left}" y="12" {text}>{"  ".join(legend)} '
         f'<tspan fill="#999">(rank 0)</tspan></text>'
         f'<text x="{left - 4}" y="{top + 8}" text-anchor="end" {text}>'
-        f'{esc(format_value(y1))}</text>'
+        f'{esc(format_value(high))}</text>'
         f'<text x="{left - 4}" y="{top + plot_h}" text-anchor="end" {text}>'
-        f'{esc(format_value(y0))}</text>'
-        f'<text x="{left}" y="{height - 3}" {text}>step {format_value(x0)}</text>'
+        f'{esc(format_value(low))}</text>'
+        + (f'<text x="{left - 4}" y="{top + plot_h / 2 + 4}" text-anchor="end" {text}>'
+           f'log</text>' if log else "")
+        + f'<text x="{left}" y="{height - 3}" {text}>step {format_value(x0)}</text>'
         f'<text x="{left + plot_w}" y="{height - 3}" text-anchor="end" {text}>'
         f'{format_value(x1)}</text>'
         + "".join(shapes) + "</svg>")

@@ -75,8 +75,11 @@ class RankRow:
         state = widgets.HTML(h.state_html("pending"), layout=widgets.Layout(width="64px"))
         progress = widgets.FloatProgress(value=0.0, min=0.0, max=100.0,
                                          layout=widgets.Layout(width="180px"))
-        info = widgets.HTML(layout=widgets.Layout(flex="1 1 auto"))
-        metrics = widgets.HTML(layout=widgets.Layout(flex="0 1 32%"))
+        # one line per rank: the progress text keeps its width, the metrics get what
+        # is left and are cut with an ellipsis (their full text is the tooltip)
+        info = widgets.HTML(layout=widgets.Layout(flex="0 0 auto", margin="0 12px 0 6px"))
+        metrics = widgets.HTML(layout=widgets.Layout(flex="1 1 0", min_width="0",
+                                                     overflow="hidden"))
         box = widgets.HBox([name, state, progress, info, metrics],
                            layout=widgets.Layout(align_items="center", width="100%"))
         return cls(name, state, progress, info, metrics, box)

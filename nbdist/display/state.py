@@ -29,6 +29,7 @@ LOG_TAIL_LINES = 15
 IDLE_AFTER = 30.0  # seconds without progress before an open bar is shown as idle
 SERIES_MAX_POINTS = 2000  # per metric, before the history is thinned to half
 SERIES_MAX_KEYS = 8
+LOG_SCALE_SPAN = 30.0  # max / min of a positive series from which charts use a log scale
 
 # States after which a rank changes no more; "crashed" / "killed" come from the Job
 # record (torchrun's agent saw the exit), "stopped" is what a display shows for a

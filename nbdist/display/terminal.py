@@ -17,6 +17,7 @@ only (no refresh thread: nothing else reads the state while it changes).
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -26,7 +27,7 @@ from rich.panel import Panel
 from rich.text import Text
 
 from nbdist.display.base import RENDER_INTERVAL, Display
-from nbdist.display.state import (JobView, LineBuffer, RankView, describe_failure,
+from nbdist.display.state import (LOG_SCALE_SPAN, JobView, LineBuffer, RankView, describe_failure,
                                   format_duration, format_metrics, format_value,
                                   progress_text)
 
@@ -214,6 +215,9 @@ def sparkline(values: list[float], width: int = SPARK_WIDTH) -> str:
                   (values[int(i * size):int((i + 1) * size)] for i in range(width))
                   if chunk]
     low, high = min(values), max(values)
+    if low > 0 and high / low >= LOG_SCALE_SPAN:  # a loss falling over decades
+        values = [math.log10(v) for v in values]
+        low, high = min(values), max(values)
     if high == low:
         return SPARKS[len(SPARKS) // 2] * len(values)
     scale = (len(SPARKS) - 1) / (high - low)

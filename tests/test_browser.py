@@ -1,0 +1,220 @@
+"""The dashboard in a real browser: JupyterLab + headless Chromium, driven by Playwright.
+
+Opens a notebook that trains a small DDP model with ``%%distributed``, ``track`` and
+``report``, runs it, checks what the page shows mid-run (a progress bar per rank, the
+loss chart, rank 0's printed lines) and after (the static summary that replaces the
+widgets), and takes a screenshot of the dashboard mid-run. With
+``NBDIST_UPDATE_SCREENSHOT=1`` the screenshot is written to ``docs/dashboard.png``.
+
+Needs Debian's ``chromium`` (``apt-get install -y chromium``) and the ``jupyterlab``
+and ``playwright`` Python packages; skips, saying which is missing, without them.
+Playwright's own browser download is never used: Chromium is the system's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = os.environ.get("NBDIST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+DOCS_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "dashboard.png"
+
+SETUP = """\
+import os
+os.environ["NBDIST_HOME"] = {home!r}
+%load_ext nbdist"""
+
+TRAIN = """\
+%%distributed --nprocs 2
+import time
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+torch.manual_seed(rank)
+X = torch.randn(1024, 16)
+y = X @ torch.linspace(-1, 1, 16).unsqueeze(1) + 0.1 * torch.randn(1024, 1)
+model = DDP(torch.nn.Linear(16, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.02)
+for epoch in track(range(4), desc="epoch"):
+    for i in track(range(40), desc="train"):
+        xb, yb = X[i * 25:(i + 1) * 25], y[i * 25:(i + 1) * 25]
+        loss = torch.nn.functional.mse_loss(model(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        report(loss=loss, lr=0.02)
+        time.sleep(0.05)
+    print(f"epoch {epoch}: loss {loss.item():.4f}")
+weights = model.module.weight.detach()"""
+
+
+def missing_tools() -> str | None:
+    if not (os.path.exists(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        return f"no Chromium at {CHROMIUM} (apt-get install -y chromium)"
+    for module, package in (("playwright.sync_api", "playwright"),
+                            ("jupyterlab", "jupyterlab")):
+        try:
+            __import__(module)
+        except ImportError:
+            return f"the {package} package is not installed (pip install {package})"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the server's child process: get SIGTERM if pytest dies without cleaning up."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def write_notebook(path: Path, home: str) -> None:
+    cells = [{"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
+              "source": source} for source in (SETUP.format(home=home), TRAIN)]
+    path.write_text(json.dumps({
+        "cells": cells, "nbformat": 4, "nbformat_minor": 5,
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                    "language": "python"}}}))
+
+
+@pytest.fixture
+def lab(tmp_path, nbdist_home):
+    """A JupyterLab server on a free loopback port, stopped with its kernels afterwards."""
+    reason = missing_tools()
+    if reason:
+        pytest.skip(f"browser check skipped: {reason}")
+    root = tmp_path / "lab"
+    root.mkdir()
+    write_notebook(root / "dashboard.ipynb", nbdist_home)
+    port, token = free_port(), secrets.token_hex(16)
+    env = dict(os.environ)
+    for var, sub in (("JUPYTER_CONFIG_DIR", "config"), ("JUPYTER_RUNTIME_DIR", "runtime"),
+                     ("JUPYTERLAB_SETTINGS_DIR", "settings"),
+                     ("JUPYTERLAB_WORKSPACES_DIR", "workspaces")):
+        env[var] = str(tmp_path / sub)
+    # no "get notified about Jupyter news?" toast over the screenshot
+    news = tmp_path / "settings" / "@jupyterlab" / "apputils-extension"
+    news.mkdir(parents=True)
+    (news / "notification.jupyterlab-settings").write_text(
+        json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    log = open(tmp_path / "lab.log", "wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}",
+         "--ServerApp.ip=127.0.0.1", "--allow-root", f"--IdentityProvider.token={token}",
+         f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True",
+         "--LabApp.news_url=", "--ServerApp.open_browser=False",
+         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+        preexec_fn=_die_with_parent)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("JupyterLab did not start:\n"
+                                       + (tmp_path / "lab.log").read_text()[-3000:])
+                time.sleep(0.3)
+        yield base, token
+    finally:
+        try:  # shuts its kernels down too
+            urllib.request.urlopen(urllib.request.Request(
+                f"{base}/api/shutdown?token={token}", method="POST"), timeout=5)
+            server.wait(timeout=20)
+        except Exception:
+            server.terminate()
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+        log.close()
+
+
+KERNEL_IDLE = """() => {
+  const panel = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+  const kernel = panel && panel.sessionContext && panel.sessionContext.session
+    && panel.sessionContext.session.kernel;
+  return !!kernel && kernel.status === 'idle'
+    && document.querySelectorAll('.jp-Cell').length === 2;
+}"""
+
+DASHBOARD_LIVE = """() => {
+  const out = document.querySelectorAll('.jp-Cell')[1]?.querySelector('.jp-OutputArea');
+  if (!out) return false;
+  const bars = out.querySelectorAll('.widget-hprogress .progress-bar');
+  const moving = [...bars].filter(b => parseFloat(b.style.width || '0') > 15);
+  return bars.length === 2 && moving.length === 2
+    && out.querySelector('svg polyline') !== null
+    && out.innerText.includes('running') && out.innerText.includes('epoch 0: loss');
+}"""
+
+DASHBOARD_DONE = """() => {
+  const out = document.querySelectorAll('.jp-Cell')[1]?.querySelector('.jp-OutputArea');
+  return !!out && !!out.querySelector('.nbdist-dashboard')
+    && out.innerText.includes('succeeded');
+}"""
+
+
+def test_dashboard_in_jupyterlab_with_headless_chromium(lab, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    base, token = lab
+    shot = tmp_path / "dashboard.png"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900},
+                                    device_scale_factor=1)
+            page.set_default_timeout(60_000)  # no step may wait forever
+            page.goto(f"{base}/lab/tree/dashboard.ipynb?token={token}")
+            page.wait_for_function(KERNEL_IDLE, timeout=90_000, polling=250)
+            # fire and forget: the command's promise resolves only when the cells end
+            page.evaluate("() => { const app = window.jupyterapp;"
+                          " if (app.shell.collapseLeft) app.shell.collapseLeft();"
+                          " app.commands.execute('notebook:run-all-cells'); }")
+            page.wait_for_function(DASHBOARD_LIVE, timeout=90_000, polling=200)
+            cell = page.locator(".jp-Cell").nth(1)
+            cell.scroll_into_view_if_needed()
+            time.sleep(0.5)  # let the widgets finish drawing this update
+            cell.screenshot(path=str(shot))
+            text = cell.locator(".jp-OutputArea").inner_text()
+            assert "rank 0" in text and "rank 1" in text and "epoch" in text
+            assert "loss=" in text and "it/s" in text
+
+            page.wait_for_function(DASHBOARD_DONE, timeout=90_000, polling=250)
+            cell.screenshot(path=str(tmp_path / "final.png"))
+            final = cell.locator(".jp-OutputArea").inner_text()
+        finally:
+            browser.close()
+    assert final.count("done") >= 2 and "100%" in final
+    assert "epoch 3: loss" in final
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("NBDIST_UPDATE_SCREENSHOT") == "1":
+        DOCS_SCREENSHOT.parent.mkdir(exist_ok=True)
+        shutil.copyfile(shot, DOCS_SCREENSHOT)

@@ -332,6 +332,25 @@ def test_terminal_redraws_at_most_ten_times_a_second(tmp_path):
         assert "100%" in row and "epoch 4/4" in row
 
 
+def test_loss_chart_scales(tmp_path):
+    from nbdist.display.html import chart_svg
+
+    view = JobView(make_job(tmp_path))
+    assert chart_svg(view) == ""  # nothing reported yet
+    for step, loss in enumerate([5.0, 0.5, 0.05, 0.01], start=1):
+        view.apply(Event(0, "metrics", T0 + step, {"values": {"loss": loss, "note": "x"},
+                                                   "step": step}))
+    view.apply(Event(1, "metrics", T0, {"values": {"loss": 99.0}, "step": 1}))
+    svg = chart_svg(view)
+    assert svg.count("<polyline") == 1 and ">log</text>" in svg  # falls over decades
+    assert ">5</text>" in svg and ">0.01</text>" in svg and ">99<" not in svg  # rank 0 only
+    flat = JobView(make_job(tmp_path))
+    for step in range(1, 4):
+        flat.apply(Event(0, "metrics", T0 + step, {"values": {"acc": 0.5 + step / 10},
+                                                   "step": step}))
+    assert flat.chart_keys() == ["acc"] and ">log</text>" not in chart_svg(flat)
+
+
 def test_sparkline_shape():
     from nbdist.display.terminal import sparkline
 
@@ -552,6 +571,70 @@ def test_channel_reader_never_reorders_one_ranks_events(tmp_path):
     assert [e.data["state"] for e in events if e.rank == 0] == ["a", "b", "c"]
     assert [e.data["state"] for e in events if e.rank == 1] == ["x", "y"]
     assert len(events) == 5
+
+
+# --- a real job on a real terminal ---------------------------------------------------------
+TTY_SCRIPT = """
+import time
+import nbdist
+from nbdist import track, report
+
+def train():
+    for epoch in track(range(2), desc="epoch"):
+        for step in track(range(10), desc="train"):
+            time.sleep(0.02)
+            report(loss=1.0 / (1 + epoch * 10 + step))
+    print("redrawn: ", end="")
+    for i in range(5):
+        print(f"\\r{i * 25}%", end="", flush=True)
+        time.sleep(0.05)
+    print(" ok")
+    return 7
+
+print("result", nbdist.run_distributed(train, nprocs=2))
+"""
+
+
+def test_terminal_dashboard_on_a_real_tty(tmp_path):
+    """stdout is a pseudo-terminal: auto picks rich; the final frame stays on screen."""
+    import pty
+    import re
+    import select
+
+    master, slave = pty.openpty()
+    env = dict(os.environ, TERM="xterm-256color", COLUMNS="120", LINES="40")
+    env.pop(displays.ENV_DISPLAY, None)
+    proc = subprocess.Popen([sys.executable, "-c", TTY_SCRIPT], stdin=slave, stdout=slave,
+                            stderr=slave, env=env, cwd=tmp_path, start_new_session=True)
+    os.close(slave)
+    out, deadline = b"", time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every writer closed the terminal
+                    break
+                if not data:
+                    break
+                out += data
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.decode(errors="replace"))
+    assert proc.returncode == 0, text[-3000:]
+    assert "result 7" in text
+    final = text[text.rindex("nbdist job"):]
+    assert " · succeeded · " in final
+    for r in range(2):
+        assert re.search(rf"rank {r} done +━+ 100% epoch 2/2 \(100%\)", final), final
+    assert "loss █" in final
+    assert "100% ok" in text  # the line redrawn with \r, in its final state
 
 
 # --- a real job in a real Jupyter kernel ------------------------------------------------------

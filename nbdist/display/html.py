@@ -10,8 +10,9 @@ from __future__ import annotations
 import html
 import math
 
-from nbdist.display.state import (LOG_SCALE_SPAN, JobView, RankView, describe_failure, format_duration,
-                                  format_metrics, format_value, progress_text)
+from nbdist.display.state import (LOG_SCALE_SPAN, JobView, RankView, describe_failure,
+                                  format_duration, format_metrics, format_value,
+                                  progress_text)
 
 STATE_COLORS = {
     "pending": "#888", "starting": "#888", "joining": "#888", "ready": "#1f6feb",

@@ -3,9 +3,9 @@
 ::
 
     nbdist job 1a2b · running · 0:42 · 2 ranks · gloo
-    rank 0  running  [██████████░░░░░░]  epoch 2/3 › train 45/100 (45%) 12 it/s ETA 0:05  loss=0.31
-    rank 1  running  [██████████░░░░░░]  epoch 2/3 › train 45/100 (45%) 12 it/s ETA 0:05  loss=0.30
-    ╱╲_ loss chart of rank 0 (SVG)
+    rank 0  running  [██████░░░░]  epoch 2/3 › train 45/100 (45%) 12 it/s ETA 0:05  loss=0.31
+    rank 1  running  [██████░░░░]  epoch 2/3 › train 45/100 (45%) 12 it/s ETA 0:05  loss=0.30
+    ╲__ loss chart of rank 0 (SVG)
     rank N failed: ... and the last lines of its log, when one fails
 
 Rank 0's output goes to the cell's own output below the dashboard, as if printed

@@ -3,9 +3,9 @@
 ::
 
     nbdist job 1a2b · running · 0:42 · 2 ranks · gloo
-     rank 0  running  ━━━━━━━━━━╸━━━━━━━━━━━  45%  epoch 2/3 › train 45/100 12 it/s ETA 0:05  loss=0.31
-     rank 1  running  ━━━━━━━━━━╸━━━━━━━━━━━  45%  epoch 2/3 › train 45/100 12 it/s ETA 0:05  loss=0.30
-     loss ▇▆▅▅▄▃▃▂▂▁▁ 0.31 (rank 0)
+     rank 0 running  ━━━━━━╸━━━━━━━  45% epoch 2/3 › train 45/100 (45%) 12 it/s  loss=0.31
+     rank 1 running  ━━━━━━╸━━━━━━━  45% epoch 2/3 › train 45/100 (45%) 12 it/s  loss=0.30
+     loss █▆▅▄▃▃▂▂▁▁ 0.31  (rank 0)
      rank 0 ▸ 45%|████▌     | 45/100      ← the line rank 0 is redrawing with \\r
 
 Finished lines of rank 0's output scroll above the dashboard as ordinary terminal
@@ -27,9 +27,9 @@ from rich.panel import Panel
 from rich.text import Text
 
 from nbdist.display.base import RENDER_INTERVAL, Display
-from nbdist.display.state import (LOG_SCALE_SPAN, JobView, LineBuffer, RankView, describe_failure,
-                                  format_duration, format_metrics, format_value,
-                                  progress_text)
+from nbdist.display.state import (LOG_SCALE_SPAN, JobView, LineBuffer, RankView,
+                                  describe_failure, format_duration, format_metrics,
+                                  format_value, progress_text)
 
 if TYPE_CHECKING:
     from nbdist.channel import Event

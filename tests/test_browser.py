@@ -59,6 +59,10 @@ for epoch in track(range(4), desc="epoch"):
         report(loss=loss, lr=0.02)
         time.sleep(0.05)
     print(f"epoch {epoch}: loss {loss.item():.4f}")
+for percent in range(0, 101, 25):  # a line redrawn in place, as tqdm does
+    print(f"\\rsaving {percent}%", end="", flush=True)
+    time.sleep(0.1)
+print()
 weights = model.module.weight.detach()"""
 
 
@@ -214,6 +218,7 @@ def test_dashboard_in_jupyterlab_with_headless_chromium(lab, tmp_path):
             browser.close()
     assert final.count("done") >= 2 and "100%" in final
     assert "epoch 3: loss" in final
+    assert "saving 100%" in final and "saving 50%" not in final  # \r redrew the line
     assert shot.stat().st_size > 10_000
     if os.environ.get("NBDIST_UPDATE_SCREENSHOT") == "1":
         DOCS_SCREENSHOT.parent.mkdir(exist_ok=True)

@@ -58,6 +58,7 @@ def main(job_dir: str) -> None:
         if rank == 0 or spec["return_all"]:
             _save_result(job, rank, None)
     except BaseException as exc:
+        runtime.flush_metrics()  # the last values before the failure are worth seeing
         _record_error(job, rank, exc)
         _exit_now(channel, 1, error=type(exc).__name__)
     _destroy_process_group()

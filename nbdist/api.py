@@ -283,6 +283,7 @@ def _supervise(launch: Launch, job: Job, plan: Plan, view: displays.Display) -> 
         pump(final=exited)
         if exited:
             return
+        view.tick()  # redraw the clock between events (the display throttles itself)
         elapsed = time.monotonic() - started
         if plan.timeout is not None and elapsed > plan.timeout:
             launch.kill()

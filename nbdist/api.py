@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import codecs
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 from nbdist import display as displays
 from nbdist import payload
-from nbdist.channel import DONE, FAILED, JOINING, STARTING, ChannelReader
+from nbdist.channel import DONE, FAILED, JOINING, STARTING, ChannelReader, LogFollower
 from nbdist.errors import InitTimeoutError, InvalidArgumentError, JobTimeoutError
 from nbdist.job import Job, RankStatus, diagnose, prune_jobs, read_results
 from nbdist.jobdir import JobDir, tail
@@ -242,31 +241,12 @@ def _worker_env(plan: Plan, extra: dict[str, str] | None) -> dict[str, str]:
     return env
 
 
-class _LogFollower:
-    """Reads what a rank appended to its log since the last call, as text."""
-
-    def __init__(self, path: Path):
-        self._path = path
-        self._offset = 0
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def read(self, final: bool = False) -> str:
-        try:
-            with open(self._path, "rb") as f:
-                f.seek(self._offset)
-                data = f.read()
-        except FileNotFoundError:
-            data = b""
-        self._offset += len(data)
-        return self._decoder.decode(data, final=final)
-
-
 def _supervise(launch: Launch, job: Job, plan: Plan, view: displays.Display) -> None:
     """Follow the job until torchrun exits; raise on timeouts (after killing it)."""
     job_dir = launch.job
     events = ChannelReader({r: job_dir.events(r) for r in range(plan.nprocs)})
     shown = range(plan.nprocs) if view.all_ranks else [0]
-    logs = {r: _LogFollower(job_dir.log(r)) for r in shown}
+    logs = {r: LogFollower(job_dir.log(r)) for r in shown}
     started = time.monotonic()
 
     def pump(final: bool = False) -> None:

@@ -10,6 +10,7 @@ Status changes and final values are written unthrottled (never lost); progress f
 
 from __future__ import annotations
 
+import codecs
 import heapq
 import json
 import os
@@ -89,3 +90,22 @@ class ChannelReader:
         # interleave ranks by time, but never reorder one rank's events: its clock may
         # step backwards (NTP), its file order may not
         return list(heapq.merge(*per_rank, key=lambda e: e.time))
+
+
+class LogFollower:
+    """Reads what a rank appended to its log since the last call, as text."""
+
+    def __init__(self, path: Path):
+        self._path = path
+        self._offset = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def read(self, final: bool = False) -> str:
+        try:
+            with open(self._path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            data = b""
+        self._offset += len(data)
+        return self._decoder.decode(data, final=final)

@@ -1,4 +1,4 @@
-"""Worker → caller events: status, progress, metrics, heartbeats.
+"""Worker → caller transport: events (status, progress, metrics, heartbeats) and logs.
 
 Transport is a private file per rank in the job directory (``events-rank-N.jsonl``),
 one JSON object per line, appended with a single ``write`` so a line is never torn.
@@ -6,6 +6,7 @@ No socket is opened, so nothing listens on the network; the caller polls the fil
 
 Status changes and final values are written unthrottled (never lost); progress from
 :func:`nbdist.track` is throttled by the writer (see ``runtime.py``).
+:class:`LogFollower` reads each rank's log file the same way, as it grows.
 """
 
 from __future__ import annotations

@@ -1,0 +1,471 @@
+"""nbdist against raw torchrun, measured side by side in one run (issue 7).
+
+    python benchmarks/run.py              # the full table, about 6-9 minutes on 2 cores
+    python benchmarks/run.py --quick      # smoke mode: tiny sizes, one run each
+    python benchmarks/run.py --only launch,logs --json out.json
+
+Every comparison is *paired*: the nbdist job and its baseline run alternately (ABBA
+order), in the same process, on the same machine, so drift in the machine's load hits
+both sides alike; the table shows medians and their ratio. The baselines:
+
+=========  ==================================================================
+launch     ``python -m torch.distributed.run --standalone --nproc-per-node 2``
+           of a script that only initialises and destroys the process group
+result     in one process: ``torch.save(state)`` then ``torch.load`` of the file
+throughput the same training function (``workloads.convnet_throughput``) as a
+           torchrun script
+logs       the same printing function as a torchrun script, its output piped here
+ship       a plain ``torch.save`` of the tensor (for scale; the target is absolute)
+import     none: the target (50 ms) is absolute
+=========  ==================================================================
+
+The nbdist side runs in this process, like a notebook kernel: torch and nbdist are
+imported once, ``run_distributed`` is called per job, and its wall time is what the
+caller waits. The result benchmark runs its caller in a child process
+(``result_caller.py``), whose memory peak is measured exactly (``VmHWM``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+# before torch is imported: the workers get it from nbdist, and torchrun sets it too
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+import nbdist  # noqa: E402
+
+sys.path.insert(0, str(HERE))
+import workloads  # noqa: E402
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+@dataclass
+class Config:
+    quick: bool
+    launch_pairs: int = 7
+    result_bytes: int = GiB
+    result_pairs: int = 3
+    train_pairs: int = 4
+    train_steps: int = 20
+    train_batch: int = 32
+    log_lines: int = 100_000
+    log_pairs: int = 3
+    ship_bytes: int = GiB
+    ship_pairs: int = 3
+    import_runs: int = 11
+
+    @classmethod
+    def make(cls, quick: bool) -> "Config":
+        if not quick:
+            return cls(quick=False)
+        return cls(quick=True, launch_pairs=1, result_bytes=8 * MiB, result_pairs=1,
+                   train_pairs=1, train_steps=2, log_lines=1000, log_pairs=1,
+                   ship_bytes=8 * MiB, ship_pairs=1, import_runs=1)
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    measure: str
+    nbdist: str
+    baseline: str
+    ratio: str
+    target: str
+    met: bool | None  # None: not judged (quick mode, or no target)
+    details: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- running jobs
+
+def median(values) -> float:
+    return statistics.median(values)
+
+
+def raw_torchrun(name: str, *args, nprocs: int = 2, capture: bool = False):
+    """Run ``workloads.NAME(*args)`` under raw torchrun; (seconds, rank 0's value, stdout)."""
+    with tempfile.TemporaryDirectory(prefix="nbdist-bench-") as tmp:
+        out = Path(tmp) / "out.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(nprocs), str(HERE / "workloads.py"), name, str(out),
+               *(json.dumps(a) for a in args)]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=capture or None)
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0:
+            err = proc.stderr if isinstance(proc.stderr, str) else proc.stderr.decode()
+            raise RuntimeError(f"raw torchrun {name} failed ({proc.returncode}):\n{err[-3000:]}")
+        return seconds, json.loads(out.read_text()), proc.stdout if capture else None
+
+
+class LineSink(io.TextIOBase):
+    """Stands in for ``sys.stdout``: counts the lines nbdist delivers, keeps no text."""
+
+    def __init__(self):
+        self.lines = 0
+        self.last = ""
+        self._partial = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        text = self._partial + text
+        parts = text.split("\n")
+        self._partial = parts.pop()
+        self.lines += len(parts)
+        for line in reversed(parts):
+            if line.startswith("line "):
+                self.last = line
+                break
+        return len(text)
+
+
+CALLER_CPU: list[float] = []  # CPU share of this process during each nbdist job
+
+
+def nbdist_job(fn, *args, sink: io.TextIOBase | None = None, keep: bool = False, **kwargs):
+    """``run_distributed(fn, *args)`` as a notebook would; (seconds, value, job)."""
+    sink = sink or LineSink()
+    with contextlib.redirect_stdout(sink):
+        cpu = time.process_time()
+        start = time.perf_counter()
+        value = nbdist.run_distributed(fn, *args, nprocs=2, display="plain", **kwargs)
+        seconds = time.perf_counter() - start
+        CALLER_CPU.append((time.process_time() - cpu) / seconds)
+    job = nbdist.last_job()
+    if not keep:
+        shutil.rmtree(job.dir, ignore_errors=True)
+    return seconds, value, job
+
+
+_noop: list[float] = []
+
+
+def noop_job_seconds() -> float:
+    """Quick mode's stand-in for a measure's own baseline job: one nbdist noop job."""
+    if not _noop:
+        _noop.append(nbdist_job(workloads.noop)[0])
+    return _noop[0]
+
+
+def paired(a, b, pairs: int) -> tuple[list, list]:
+    """Call ``a()`` and ``b()`` ``pairs`` times each, alternating who goes first."""
+    ra, rb = [], []
+    for i in range(pairs):
+        if i % 2 == 0:
+            ra.append(a())
+            rb.append(b())
+        else:
+            rb.append(b())
+            ra.append(a())
+    return ra, rb
+
+
+def fmt_s(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 0.1 else f"{seconds * 1000:.0f} ms"
+
+
+def judge(ok: bool, cfg: Config) -> bool | None:
+    return None if cfg.quick else ok
+
+
+def log(msg: str) -> None:
+    print(f"# {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- the measures
+
+def bench_launch(cfg: Config) -> list[Row]:
+    if not cfg.quick:  # both sides read torch's files from the page cache from now on
+        raw_torchrun("noop")
+        nbdist_job(workloads.noop)
+    raw, nb = paired(lambda: raw_torchrun("noop")[0],
+                     lambda: nbdist_job(workloads.noop)[0], cfg.launch_pairs)
+    _noop[:] = nb[:1]
+    ratio = median(nb) / median(raw)
+    pair_ratios = [n / r for n, r in zip(nb, raw)]
+    return [Row(
+        f"cold launch, 2-process noop (median of {len(nb)} pairs)",
+        fmt_s(median(nb)), f"{fmt_s(median(raw))} raw torchrun", f"{ratio:.3f}×",
+        "≤ 1.05×", judge(ratio <= 1.05, cfg),
+        [f"nbdist s: {', '.join(f'{x:.2f}' for x in nb)}",
+         f"raw s:    {', '.join(f'{x:.2f}' for x in raw)}",
+         f"per-pair ratio median {median(pair_ratios):.3f}×"])]
+
+
+def bench_result(cfg: Config) -> list[Row]:
+    """Runs ``result_caller.py`` in a child: timing pairs plus its exact memory peak."""
+    with tempfile.TemporaryDirectory(prefix="nbdist-bench-") as tmp:
+        out = Path(tmp) / "result.json"
+        subprocess.run([sys.executable, str(HERE / "result_caller.py"),
+                        str(cfg.result_bytes), str(cfg.result_pairs), str(out),
+                        *(["--no-noop-job"] if cfg.quick else [])],
+                       check=True, stdin=subprocess.DEVNULL)
+        r = json.loads(out.read_text())
+    if cfg.quick:
+        r["none_s"] = [noop_job_seconds()] * len(r["ret_s"])
+    extra = [ret - none for ret, none in zip(r["ret_s"], r["none_s"])]
+    manual = r["manual_s"]
+    ratio = median(extra) / median(manual)
+    size = cfg.result_bytes
+    peak = max(r["peak_call_bytes"])
+    peak_read = max(r["peak_read_bytes"])
+    size_txt = f"{size / GiB:g} GiB" if size >= GiB else f"{size / MiB:g} MiB"
+    return [
+        Row(f"return a {size_txt} state dict: time over a noop job",
+            fmt_s(median(extra)), f"{fmt_s(median(manual))} torch.save + torch.load",
+            f"{ratio:.3f}×", "≤ 1.2×", judge(ratio <= 1.2, cfg),
+            [f"job returning it s: {', '.join(f'{x:.2f}' for x in r['ret_s'])}",
+             f"same job, None s:   {', '.join(f'{x:.2f}' for x in r['none_s'])}",
+             f"manual save s: {', '.join(f'{x:.2f}' for x in r['manual_save_s'])}; "
+             f"load s: {', '.join(f'{x:.2f}' for x in r['manual_load_s'])}",
+             f"caller reading every page afterwards: "
+             f"{', '.join(f'{x:.2f}' for x in r['read_s'])} s"]),
+        Row(f"return a {size_txt} state dict: caller's peak memory",
+            f"{peak / MiB:.0f} MiB ({peak / size:.2f}× result)",
+            f"{size / MiB:.0f} MiB result", f"{peak / size:.2f}×", "≤ 1.2× result",
+            judge(peak / size <= 1.2, cfg),
+            [f"peak RSS growth during run_distributed: "
+             f"{', '.join(f'{x / MiB:.0f}' for x in r['peak_call_bytes'])} MiB",
+             f"after also reading every tensor: {peak_read / MiB:.0f} MiB "
+             f"({peak_read / size:.2f}×, file-backed pages of the mapped result)"]),
+    ]
+
+
+def bench_throughput(cfg: Config) -> list[Row]:
+    args = (cfg.train_steps, 3, cfg.train_batch)
+    del CALLER_CPU[:]
+    raw, nb = paired(
+        lambda: raw_torchrun("convnet_throughput", *args)[1]["samples_per_s"],
+        lambda: nbdist_job(workloads.convnet_throughput, *args)[1]["samples_per_s"],
+        cfg.train_pairs)
+    ratio = median(nb) / median(raw)
+    return [Row(
+        f"MNIST ConvNet DDP training throughput (batch {cfg.train_batch}/rank, median "
+        f"step of {cfg.train_steps}, {len(nb)} pairs)",
+        f"{median(nb):.0f} samples/s", f"{median(raw):.0f} samples/s torchrun script",
+        f"{ratio:.3f}×", "≥ 0.98×", judge(ratio >= 0.98, cfg),
+        [f"nbdist samples/s: {', '.join(f'{x:.0f}' for x in nb)}",
+         f"raw samples/s:    {', '.join(f'{x:.0f}' for x in raw)}",
+         f"per-pair ratio median {median([n / r for n, r in zip(nb, raw)]):.3f}×",
+         f"the caller (this process) used {100 * median(CALLER_CPU):.1f} % of a core "
+         f"while the nbdist jobs ran"])]
+
+
+def bench_logs(cfg: Config) -> list[Row]:
+    n = cfg.log_lines
+    delivered = []
+
+    def raw():
+        seconds, _, out = raw_torchrun("print_lines", n, capture=True)
+        lines = [x for x in out.splitlines() if x.startswith("line ")]
+        delivered.append(("raw", len(lines), lines[-1] if lines else ""))
+        return seconds
+
+    def nb():
+        sink = LineSink()
+        seconds, _, _ = nbdist_job(workloads.print_lines, n, sink=sink)
+        # the sink also sees nbdist's own "[nbdist] job ... succeeded" line
+        delivered.append(("nbdist", sink.lines - 1, sink.last))
+        return seconds
+
+    raw_s, nb_s = paired(raw, nb, cfg.log_pairs)
+    ratio = median(nb_s) / median(raw_s)
+    expected_last = f"line {n - 1} of {n}"
+    complete = [d for d in delivered if d[0] == "nbdist" and d[1] == n and d[2] == expected_last]
+    all_there = len(complete) == cfg.log_pairs
+    pct = 100 * min(d[1] for d in delivered if d[0] == "nbdist") / n
+    return [Row(
+        f"{n:,} rank-0 log lines: delivered, wall time",
+        f"{pct:.0f} %, {fmt_s(median(nb_s))}", f"{fmt_s(median(raw_s))} raw torchrun",
+        f"{ratio:.3f}×", "100 %, ≤ 1.2×", judge(all_there and ratio <= 1.2, cfg),
+        [f"lines seen per run (side, count, last): {delivered}",
+         f"nbdist s: {', '.join(f'{x:.2f}' for x in nb_s)}",
+         f"raw s:    {', '.join(f'{x:.2f}' for x in raw_s)}"])]
+
+
+def bench_ship(cfg: Config) -> list[Row]:
+    big = torch.full((cfg.ship_bytes // 4,), 1.0)
+    small = torch.zeros(1)
+    seen: dict = {}
+
+    def with_big():
+        seconds, values, job = nbdist_job(workloads.touch, big, True, return_all=True,
+                                          keep=True)
+        files = {p.name: p.stat().st_size for p in Path(job.dir).iterdir() if p.is_file()}
+        shutil.rmtree(job.dir, ignore_errors=True)
+        seen.update(files=files, ranks=values)
+        return seconds
+
+    def with_small():
+        if cfg.quick:
+            return noop_job_seconds()
+        return nbdist_job(workloads.touch, small, return_all=True)[0]
+
+    big_s, small_s = paired(with_big, with_small, cfg.ship_pairs)
+    extra = median(big_s) - median(small_s)
+    rate = cfg.ship_bytes / max(extra, 1e-3) / 1e9
+    # the baseline: how fast this machine's torch.save writes the same tensor
+    with tempfile.TemporaryDirectory(prefix="nbdist-bench-", dir=_home()) as tmp:
+        start = time.perf_counter()
+        torch.save(big, Path(tmp) / "big.pt")
+        save_rate = cfg.ship_bytes / (time.perf_counter() - start) / 1e9
+    del big
+
+    files = seen["files"]
+    large = {name: size for name, size in files.items() if size >= cfg.ship_bytes // 2}
+    once = list(large) == ["payload.pt"]
+    ranks = seen["ranks"]
+    # each rank maps the payload; Pss ≈ Rss / 2 when both ranks share the pages
+    shares = [r["pss_kib"] / r["rss_kib"] for r in ranks if r.get("rss_kib")]
+    mapped = all(r["rss_kib"] * 1024 >= 0.9 * cfg.ship_bytes for r in ranks)
+    shared = mapped and all(s <= 0.6 for s in shares)
+    size_txt = (f"{cfg.ship_bytes / GiB:g} GiB" if cfg.ship_bytes >= GiB
+                else f"{cfg.ship_bytes / MiB:g} MiB")
+    verdict = ("written once" if once else f"NOT once: {large}") + \
+        (", pages shared" if shared else ", pages NOT shared")
+    return [Row(
+        f"a captured {size_txt} tensor shipped to 2 ranks (each reads every page)",
+        f"{rate:.2f} GB/s; {verdict}", f"{save_rate:.2f} GB/s torch.save",
+        f"{rate / save_rate:.2f}×", "once, ≥ 1 GB/s, shared",
+        judge(once and shared and rate >= 1.0, cfg),
+        [f"job with the tensor s: {', '.join(f'{x:.2f}' for x in big_s)}",
+         f"same job, 4-byte tensor s: {', '.join(f'{x:.2f}' for x in small_s)}",
+         f"job dir files ≥ half the tensor: {large}",
+         "per rank: " + "; ".join(
+             f"rank {r['rank']} maps {Path(r['mapped_file'] or '?').name}: "
+             f"Rss {r['rss_kib'] / 1024:.0f} MiB, Pss {r['pss_kib'] / 1024:.0f} MiB, "
+             f"anon {r['rss_anon_kib'] / 1024:.0f} MiB, touch {r['touch_s']:.2f} s"
+             for r in ranks)])]
+
+
+def bench_import(cfg: Config) -> list[Row]:
+    code = ("import time, torch; t = time.perf_counter(); import nbdist; "
+            "print(time.perf_counter() - t)")
+    # the nbdist this run imported (a checkout on PYTHONPATH, or the installed one)
+    where = str(Path(nbdist.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [where] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    times = []
+    with tempfile.TemporaryDirectory() as cwd:
+        for _ in range(cfg.import_runs):
+            out = subprocess.run([sys.executable, "-c", code], check=True, text=True,
+                                 stdout=subprocess.PIPE, cwd=cwd, env=env).stdout
+            times.append(float(out.split()[-1]))
+    ms = 1000 * median(times)
+    return [Row(f"import nbdist, torch already imported (median of {len(times)} fresh "
+                f"interpreters)", f"{ms:.0f} ms", "—", "—", "≤ 50 ms",
+                judge(ms <= 50, cfg),
+                [f"ms: {', '.join(f'{1000 * x:.0f}' for x in times)}"])]
+
+
+def bench_track(cfg: Config) -> list[Row]:
+    """``track()`` overhead lives in ``track_overhead.py`` (another owner); shown if there."""
+    script = HERE / "track_overhead.py"
+    if not script.exists() or cfg.quick:  # its own owner smoke-tests it
+        return []
+    cmd = [sys.executable, str(script)] + (["--quick"] if cfg.quick else [])
+    proc = subprocess.run(cmd, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          cwd=REPO, stdin=subprocess.DEVNULL)
+    lines = proc.stdout.strip().splitlines()
+    return [Row("track() per-iteration overhead (benchmarks/track_overhead.py)",
+                lines[-1] if lines else "(no output)", "—", "—", "≤ 2 µs", None,
+                lines[-5:] if proc.returncode == 0 else [f"exit {proc.returncode}"] + lines[-5:])]
+
+
+BENCHES = {
+    "launch": bench_launch,
+    "result": bench_result,
+    "throughput": bench_throughput,
+    "logs": bench_logs,
+    "ship": bench_ship,
+    "import": bench_import,
+    "track": bench_track,
+}
+
+
+def _home() -> str:
+    return os.environ["NBDIST_HOME"]
+
+
+def table(rows: list[Row], cfg: Config) -> str:
+    head = ["measure", "nbdist", "baseline", "ratio", "target", "met"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        met = "smoke" if cfg.quick else {True: "yes", False: "**no**", None: "—"}[r.met]
+        out.append(f"| {r.measure} | {r.nbdist} | {r.baseline} | {r.ratio} | "
+                   f"{r.target} | {met} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke mode: tiny sizes, one run per side; numbers not judged")
+    parser.add_argument("--only", default=",".join(BENCHES),
+                        help=f"comma-separated subset of: {', '.join(BENCHES)}")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    cfg = Config.make(args.quick)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHES)}")
+
+    # the jobs of this run only (inside $NBDIST_HOME when set); removed at the end
+    parent = os.environ.get("NBDIST_HOME")
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    home = tempfile.mkdtemp(prefix="nbdist-bench-home-", dir=parent)
+    os.environ["NBDIST_HOME"] = home
+    rows: list[Row] = []
+    started = time.perf_counter()
+    try:
+        for name in names:
+            log(f"{name} ...")
+            t = time.perf_counter()
+            rows += BENCHES[name](cfg)
+            log(f"{name} done in {time.perf_counter() - t:.0f} s")
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    load = os.getloadavg()
+    print(f"\nnbdist benchmarks ({'quick smoke mode: numbers not judged' if cfg.quick else 'full'}), "
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}, load average "
+          f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}, "
+          f"{time.perf_counter() - started:.0f} s in all\n")
+    print(table(rows, cfg))
+    print()
+    for r in rows:
+        print(f"- {r.measure}")
+        for d in r.details:
+            print(f"    {d}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"quick": cfg.quick, "config": asdict(cfg), "rows": [asdict(r) for r in rows]},
+            indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,7 +20,7 @@ from nbdist.runtime import (barrier, device, is_main, local_rank, rank, rank0_fi
 __version__ = "0.1.0"
 
 __all__ = [
-    "run_distributed", "last_job", "jobs", "load_result", "Job",
+    "run_distributed", "last_job", "jobs", "load_result", "Job", "load_ipython_extension",
     "NbdistError", "InvalidArgumentError", "PicklingError", "RemoteError",
     "WorkerCrashedError", "JobTimeoutError", "InitTimeoutError", "LaunchError",
     "rank", "local_rank", "world_size", "is_main", "device", "barrier", "rank0_first",

@@ -27,7 +27,7 @@ from nbdist import payload
 from nbdist.channel import DONE, FAILED, JOINING, STARTING, ChannelReader, LogFollower
 from nbdist.errors import InitTimeoutError, InvalidArgumentError, JobTimeoutError
 from nbdist.job import Job, RankStatus, diagnose, prune_jobs, read_results
-from nbdist.jobdir import JobDir, tail
+from nbdist.jobdir import JobDir, tail, write_json_atomic
 from nbdist.launcher import Launch, entry_script
 
 DEFAULT_INIT_TIMEOUT = 300.0
@@ -207,15 +207,16 @@ def _pack(job_dir: JobDir, fn: Callable, args: tuple, kwargs: dict, plan: Plan,
         size = payload.dump((fn, args, kwargs), job_dir.payload)
     except Exception as exc:
         named = [("the function", fn)]
-        named += [(f"argument {i}", a) for i, a in enumerate(args)]
-        named += [(f"keyword argument {k!r}", v) for k, v in kwargs.items()]
+        for label, value in [*((f"argument {i}", a) for i, a in enumerate(args)),
+                             *((f"keyword argument {k!r}", v) for k, v in kwargs.items())]:
+            # name the part of a container that fails: "key 'lock' of argument 1"
+            named += ([(f"{part} of {label}", v) for part, v in payload.parts(value)]
+                      or [(label, value)])
         raise payload.unpicklable_error(
             "job", named, exc,
             hint="Create such objects (locks, open files, connections, generators) "
                  "inside the function instead of passing them in.") from None
     payload.warn_if_large(size, "payload (function and arguments)")
-    from nbdist.jobdir import write_json_atomic
-
     write_json_atomic(job_dir.spec, {
         "nprocs": plan.nprocs, "backend": plan.backend, "device": plan.device,
         "return_all": return_all, "caller_pid": os.getpid(),

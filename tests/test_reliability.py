@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -123,6 +124,7 @@ def test_back_to_back_jobs_do_not_leak(record_property):
     me = psutil.Process()
 
     def usage():
+        gc.collect()  # objects of earlier tests may still hold fds: count only live ones
         return me.num_fds(), me.num_threads(), len(me.children(recursive=True)), me.memory_info().rss
 
     nbdist.run_distributed(noop, nprocs=2, display="none")  # warm-up: imports, caches
@@ -132,7 +134,7 @@ def test_back_to_back_jobs_do_not_leak(record_property):
     fds2, threads2, children2, rss2 = usage()
     record_property("growth_fds_threads_children_rss_mib",
                     (fds2 - fds, threads2 - threads, children2, round((rss2 - rss) / 2**20, 1)))
-    assert (fds2, threads2, children2) == (fds, threads, 0)
+    assert fds2 <= fds and threads2 <= threads and children2 == 0
     assert rss2 - rss < 30 * 2**20, f"RSS grew by {(rss2 - rss) / 2**20:.1f} MiB"
 
 

@@ -9,8 +9,9 @@ nbdist imported, rendezvous done, workers started, ``init_process_group`` /
 ``destroy_process_group`` entered and left, atexit. nbdist's ranks also stamp their
 own status events (payload loaded = "joining"). In the caller, nbdist's steps are
 timed by wrapping its functions (pack, Popen, supervise, read result, kill, save).
-The printed table gives, per phase, the median over the runs of the time from the
-call (t = 0) to the phase's end, for both launches, and the difference.
+The printed table gives the median duration of each segment of the launch (from
+the call to the agent's interpreter, its torch import, the rendezvous, the ranks'
+imports, ... to the call's return) for both launches, and the difference.
 
 Caveat: the import hook itself costs ~1 µs per ``import`` statement in the child
 processes, the same for both sides.
@@ -231,23 +232,6 @@ def run_nbdist(env: dict, caller: CallerStamps) -> tuple[float, dict]:
     return t1 - t0, phases
 
 
-ORDER = [
-    "caller: pack >", "caller: pack <", "caller: Popen torchrun >", "caller: Popen torchrun <",
-    "agent: exec", "agent: python up", "agent: torch imported", "agent: nbdist imported",
-    "agent: agent imports done", "agent: rendezvous >", "agent: rendezvous <",
-    "agent: start workers >", "agent: start workers <",
-    "ranks: exec", "ranks: python up", "ranks: nbdist imported", "ranks: torch imported",
-    "ranks: nbdist status starting", "ranks: nbdist status joining",
-    "ranks: init_process_group >", "ranks: init_process_group <",
-    "ranks: nbdist status ready", "ranks: nbdist status running",
-    "ranks: destroy_process_group >", "ranks: destroy_process_group <",
-    "ranks: nbdist status done", "ranks: atexit",
-    "agent: sees the ranks exited", "agent: exit barrier >", "agent: exit barrier <", "agent: atexit",
-    "caller: supervise (poll until torchrun exits) <",
-    "caller: read result >", "caller: read result <", "caller: Launch.kill >",
-    "caller: Launch.kill <", "caller: job.save >", "caller: job.save <",
-    "caller: call returns",
-]
 
 
 def main() -> None:
@@ -277,23 +261,72 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    def med(runs, key):
-        vals = [p[key] for _, p in runs if key in p]
-        return statistics.median(vals) if vals else None
-
-    keys = ORDER + sorted({k for _, p in raw_runs + nb_runs for k in p} - set(ORDER))
-    print(f"median seconds since the call, {args.runs} runs each, "
-          f"load average {os.getloadavg()[0]:.1f}\n")
-    print("| phase (end of) | raw torchrun | nbdist |")
-    print("|---|---|---|")
-    for key in keys:
-        r, n = med(raw_runs, key), med(nb_runs, key)
-        if r is None and n is None:
-            continue
-        cell = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
-        print(f"| {key} | {cell(r)} | {cell(n)} |")
-    print(f"\ntotal: raw {statistics.median(t for t, _ in raw_runs):.3f} s, "
+    print(f"{args.runs} runs of each, interleaved; load average now "
+          f"{os.getloadavg()[0]:.1f}\n")
+    print(segments_table(raw_runs, nb_runs))
+    print(f"\nmedian wall: raw {statistics.median(t for t, _ in raw_runs):.3f} s, "
           f"nbdist {statistics.median(t for t, _ in nb_runs):.3f} s")
+
+
+# (segment, the phase it starts at, the phase it ends at); a phase missing on one side
+# (raw torchrun has no nbdist import) makes that side's segment start at the previous one
+SEGMENTS = [
+    ("caller: pack the payload, start torchrun", None, "agent: python up"),
+    ("agent: import nbdist (nbdist only)", "agent: python up", "agent: nbdist imported"),
+    ("agent: import torch", "agent: nbdist imported|agent: python up",
+     "agent: torch imported"),
+    ("agent: rendezvous (TCPStore), spawn ranks", "agent: torch imported",
+     "ranks: python up"),
+    ("ranks: import nbdist (nbdist only)", "ranks: python up", "ranks: nbdist imported"),
+    ("ranks: import torch (both ranks at once)", "ranks: nbdist imported|ranks: python up",
+     "ranks: torch imported"),
+    ("ranks: load payload, init_process_group", "ranks: torch imported",
+     "ranks: init_process_group <"),
+    ("ranks: fn, destroy_process_group, result", "ranks: init_process_group <",
+     "ranks: atexit"),
+    ("ranks: interpreter teardown, agent notices", "ranks: atexit",
+     "agent: sees the ranks exited"),
+    ("agent: exit barrier", "agent: sees the ranks exited", "agent: exit barrier <"),
+    ("agent: interpreter teardown, caller notices", "agent: exit barrier <",
+     "caller: supervise (poll until torchrun exits) <|caller: call returns"),
+    ("caller: load result, kill, save job record",
+     "caller: supervise (poll until torchrun exits) <|caller: call returns",
+     "caller: call returns"),
+]
+
+
+def _phase(phases: dict, names: str | None) -> float | None:
+    if names is None:
+        return 0.0
+    for name in names.split("|"):
+        if name in phases:
+            return phases[name]
+    return None
+
+
+def segments_table(raw_runs: list, nb_runs: list) -> str:
+    """Median duration of each segment of the launch, per side, and the difference."""
+    def durations(runs):
+        out: dict[str, list[float]] = {}
+        for _, phases in runs:
+            for name, begin, end in SEGMENTS:
+                a, b = _phase(phases, begin), _phase(phases, end)
+                if a is not None and b is not None:
+                    out.setdefault(name, []).append(b - a)
+        return out
+
+    raw, nb = durations(raw_runs), durations(nb_runs)
+    lines = ["| segment of a 2-process noop job | raw torchrun | nbdist | nbdist − raw |",
+             "|---|---|---|---|"]
+    for name, _, _ in SEGMENTS:
+        r = statistics.median(raw[name]) if name in raw else 0.0
+        n = statistics.median(nb[name]) if name in nb else 0.0
+        lines.append(f"| {name} | {r:.3f} s | {n:.3f} s | {n - r:+.3f} s |")
+    r = statistics.median(t for t, _ in raw_runs)
+    n = statistics.median(t for t, _ in nb_runs)
+    lines.append(f"| **wall time of the call (median)** | **{r:.3f} s** | **{n:.3f} s** "
+                 f"| **{n - r:+.3f} s** |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -63,13 +63,13 @@ class Config:
     launch_pairs: int = 7
     result_bytes: int = GiB
     result_pairs: int = 3
-    train_pairs: int = 4
-    train_steps: int = 20
+    train_pairs: int = 5
+    train_steps: int = 30
     train_batch: int = 32
     log_lines: int = 100_000
     log_pairs: int = 3
     ship_bytes: int = GiB
-    ship_pairs: int = 3
+    ship_pairs: int = 4
     import_runs: int = 11
 
     @classmethod
@@ -256,10 +256,15 @@ def bench_result(cfg: Config) -> list[Row]:
 def bench_throughput(cfg: Config) -> list[Row]:
     args = (cfg.train_steps, 3, cfg.train_batch)
     del CALLER_CPU[:]
-    raw, nb = paired(
-        lambda: raw_torchrun("convnet_throughput", *args)[1]["samples_per_s"],
-        lambda: nbdist_job(workloads.convnet_throughput, *args)[1]["samples_per_s"],
+    raw_r, nb_r = paired(
+        lambda: raw_torchrun("convnet_throughput", *args)[1],
+        lambda: nbdist_job(workloads.convnet_throughput, *args)[1],
         cfg.train_pairs)
+    raw = [r["samples_per_s"] for r in raw_r]
+    nb = [r["samples_per_s"] for r in nb_r]
+
+    def cpu_ms(results):
+        return ", ".join(f"{r['step_cpu_ms']:.1f}" for r in results)
     ratio = median(nb) / median(raw)
     return [Row(
         f"MNIST ConvNet DDP training throughput (batch {cfg.train_batch}/rank, median "
@@ -269,6 +274,7 @@ def bench_throughput(cfg: Config) -> list[Row]:
         [f"nbdist samples/s: {', '.join(f'{x:.0f}' for x in nb)}",
          f"raw samples/s:    {', '.join(f'{x:.0f}' for x in raw)}",
          f"per-pair ratio median {median([n / r for n, r in zip(nb, raw)]):.3f}×",
+         f"rank 0's CPU time per step, ms: nbdist {cpu_ms(nb_r)}; raw {cpu_ms(raw_r)}",
          f"the caller (this process) used {100 * median(CALLER_CPU):.1f} % of a core "
          f"while the nbdist jobs ran"])]
 
@@ -324,7 +330,7 @@ def bench_ship(cfg: Config) -> list[Row]:
         return nbdist_job(workloads.touch, small, return_all=True)[0]
 
     big_s, small_s = paired(with_big, with_small, cfg.ship_pairs)
-    extra = median(big_s) - median(small_s)
+    extra = median([b - s for b, s in zip(big_s, small_s)])
     rate = cfg.ship_bytes / max(extra, 1e-3) / 1e9
     # the baseline: how fast this machine's torch.save writes the same tensor
     with tempfile.TemporaryDirectory(prefix="nbdist-bench-", dir=_home()) as tmp:

@@ -143,6 +143,7 @@ class CallerStamps:
     def __init__(self):
         self.stamps: list[tuple[str, float]] = []
         self._wrap(api, "_pack", "pack")
+        self._wrap(api, "_write_payload", "pack")
         self._wrap(api.Launch, "__init__", "Popen torchrun")
         self._wrap(api, "_supervise", "supervise (poll until torchrun exits)")
         self._wrap(api, "read_results", "read result")
@@ -150,7 +151,9 @@ class CallerStamps:
         self._wrap(job_mod.Job, "save", "job.save")
 
     def _wrap(self, obj, attr, event):
-        fn = getattr(obj, attr)
+        fn = getattr(obj, attr, None)
+        if fn is None:  # a step this version of nbdist does not have
+            return
         stamps = self.stamps
 
         def wrapper(*a, **k):

@@ -295,11 +295,16 @@ def _apply(event, job: Job, launch: Launch) -> None:
         status.exitcode = 0
 
 
+def _last_lines(job: Job, ranks: list[int]) -> str:
+    """The last log lines of ``ranks``, one block per rank, for timeout errors."""
+    return "\n".join(
+        f"--- rank {r} ---\n{tail(Path(job.ranks[r].log), 5) or '(no output)'}"
+        for r in ranks)
+
+
 def _timeout_error(job: Job, timeout: float) -> JobTimeoutError:
     running = [r.rank for r in job.ranks if r.state not in (DONE, FAILED)]
-    lines = "\n".join(
-        f"--- rank {r} ---\n{tail(Path(job.ranks[r].log), 5) or '(no output)'}"
-        for r in running)
+    lines = _last_lines(job, running)
     return JobTimeoutError(
         f"job {job.id} ran past timeout={timeout:g}s and was killed; ranks still "
         f"running: {running}. Their last log lines:\n{lines}",
@@ -311,9 +316,7 @@ def _init_timeout_error(job: Job, timeout: float) -> InitTimeoutError:
     missing = ([r.rank for r in job.ranks if r.state in ("pending", STARTING)]
                or [r.rank for r in job.ranks if r.state in NOT_JOINED])
     joined = [r.rank for r in job.ranks if r.rank not in missing]
-    lines = "\n".join(
-        f"--- rank {r} ---\n{tail(Path(job.ranks[r].log), 5) or '(no output)'}"
-        for r in missing)
+    lines = _last_lines(job, missing)
     return InitTimeoutError(
         f"ranks {missing} did not join the process group within init_timeout="
         f"{timeout:g}s (joined: {joined}); everything was killed. Code that runs before "

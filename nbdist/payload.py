@@ -13,11 +13,12 @@ pickling stack dump.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import types
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import cloudpickle
 
@@ -31,10 +32,30 @@ def dump(obj: Any, path: Path) -> int:
     """Write ``obj`` to ``path`` atomically; return the file size in bytes."""
     import torch
 
-    with atomic_path(path) as tmp:
+    with atomic_path(path, durable=False) as tmp, _without_crc32(torch):
         torch.save(obj, tmp, pickle_module=cloudpickle)
         size = tmp.stat().st_size
     return size
+
+
+@contextlib.contextmanager
+def _without_crc32(torch) -> Iterator[None]:
+    """Skip the zip CRC-32 of every record while nbdist writes its own files.
+
+    Only ``torch.load`` reads them, and it does not check it; computing it costs about
+    half a second per GiB. The setting is process-wide, so it is restored right after
+    (the caller's own ``torch.save`` calls keep their CRC).
+    """
+    serialization = torch.serialization
+    if not hasattr(serialization, "set_crc32_options"):  # torch < 2.5: always computed
+        yield
+        return
+    previous = serialization.get_crc32_options()
+    serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        serialization.set_crc32_options(previous)
 
 
 def load(path: Path) -> Any:

@@ -277,7 +277,7 @@ def _supervise(launch: Launch, job: Job, plan: Plan, view: displays.Display) -> 
             pump(final=True)
             job.status = "timeout"
             raise _init_timeout_error(job, plan.init_timeout)
-        time.sleep(POLL)
+        launch.wait(POLL)
 
 
 def _apply(event, job: Job, launch: Launch) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -79,9 +80,21 @@ class Launch:
             )
         self.pid = self.proc.pid
         self.worker_pids: dict[int, int] = {}  # filled from the ranks' status events
+        self._pidfd: int | None = None  # becomes readable when torchrun exits
+        with contextlib.suppress(AttributeError, OSError):  # Linux >= 5.3 only
+            self._exit_poll = select.poll()
+            self._pidfd = os.pidfd_open(self.pid)
+            self._exit_poll.register(self._pidfd, select.POLLIN)
 
     def poll(self) -> int | None:
         return self.proc.poll()
+
+    def wait(self, timeout: float) -> None:
+        """Sleep up to ``timeout`` seconds, but return as soon as torchrun exits."""
+        if self._pidfd is None:
+            time.sleep(timeout)
+        else:  # poll, not select: a kernel with many open files may give a pidfd > 1023
+            self._exit_poll.poll(timeout * 1000)
 
     def kill(self) -> None:
         """SIGTERM every process group of the job, wait briefly, SIGKILL the rest.
@@ -99,6 +112,10 @@ class Launch:
         _signal_groups(groups, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=0.3)
+        if self._pidfd is not None:
+            self._exit_poll.unregister(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
 
     def _groups(self) -> set[int]:
         pids: set[int] = set()

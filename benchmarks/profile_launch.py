@@ -142,7 +142,6 @@ class CallerStamps:
 
     def __init__(self):
         self.stamps: list[tuple[str, float]] = []
-        self._wrap(api, "_pack", "pack")
         self._wrap(api, "_write_payload", "pack")
         self._wrap(api.Launch, "__init__", "Popen torchrun")
         self._wrap(api, "_supervise", "supervise (poll until torchrun exits)")

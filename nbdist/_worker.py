@@ -33,6 +33,7 @@ from nbdist.jobdir import JobDir, check_private, write_bytes_atomic
 
 HEARTBEAT = 5.0
 WATCH_INTERVAL = 0.5
+PAYLOAD_POLL = 0.005
 
 
 def main(job_dir: str) -> None:
@@ -72,6 +73,11 @@ def main(job_dir: str) -> None:
 
 
 def _load_payload(job: JobDir, rank: int) -> tuple:
+    # torchrun starts while the caller still writes the tensors' bytes (see
+    # api._pack_and_launch); the file appears whole, by rename. Should the caller die
+    # meanwhile, the watchdog ends this rank.
+    while not job.payload.exists():
+        time.sleep(PAYLOAD_POLL)
     try:
         check_private(job.path)  # unpickling runs code: only from the user's own files
         check_private(job.payload)

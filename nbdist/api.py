@@ -4,9 +4,10 @@
 
     run_distributed(fn, *args, nprocs=2)
       │ _plan: check arguments, pick nprocs / devices / backend (nothing started yet)
-      │ _pack: cloudpickle fn, args, kwargs into a fresh private job directory
+      │ _pack_and_launch: cloudpickle fn, args, kwargs into a fresh private job
+      │   directory; torchrun starts once all is pickled, while tensor bytes are written
       ▼
-    Launch (launcher.py): torchrun → every rank runs _worker.main
+    Launch (launcher.py): torchrun → every rank runs _worker.main (payload loaded)
       │ _supervise: poll torchrun, stream rank logs and events to the display,
       │             enforce timeout / init_timeout, kill everything on interrupt
       ▼
@@ -76,13 +77,12 @@ def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
     view = displays.create(display, all_ranks=all_ranks)
     prune_jobs()
     job_dir = JobDir.create()
-    _pack(job_dir, fn, args, kwargs, plan, return_all)
     job = Job(id=job_dir.id, dir=str(job_dir.path), nprocs=plan.nprocs,
               backend=plan.backend, return_all=return_all,
               ranks=[RankStatus(r, log=str(job_dir.log(r))) for r in range(plan.nprocs)])
-    _remember(job)
-    launch = Launch(job_dir, plan.nprocs, _worker_env(plan, env))
+    launch = _pack_and_launch(job_dir, fn, args, kwargs, plan, return_all, env)
     try:
+        _remember(job)
         view.start(job)
         _supervise(launch, job, plan, view)
         if launch.poll() != 0:
@@ -200,11 +200,41 @@ def _cuda_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _pack(job_dir: JobDir, fn: Callable, args: tuple, kwargs: dict, plan: Plan,
-          return_all: bool) -> None:
-    """Write everything the ranks need into the job directory."""
+def _pack_and_launch(job_dir: JobDir, fn: Callable, args: tuple, kwargs: dict,
+                     plan: Plan, return_all: bool, env: dict[str, str] | None) -> Launch:
+    """Write what the ranks need into the job directory and start torchrun.
+
+    torchrun starts as soon as everything is pickled (an unpicklable value has been
+    reported by then, with nothing started) while the tensors' bytes are still being
+    written: its agent and ranks spend seconds importing torch before they read the
+    payload, and wait for its file to appear.
+    """
+    started: list[Launch] = []
+    failed: list[Exception] = []
+
+    def start() -> None:  # runs inside torch.save: an error here is not a pickling one
+        try:
+            _write_spec(job_dir, plan, return_all)
+            started.append(Launch(job_dir, plan.nprocs, _worker_env(plan, env)))
+        except Exception as exc:
+            failed.append(exc)
+
     try:
-        size = payload.dump((fn, args, kwargs), job_dir.payload)
+        _write_payload(job_dir, fn, args, kwargs, on_pickled=start)
+        if failed:
+            raise failed[0]
+    except BaseException:
+        for launch in started:  # the write failed or was interrupted after the start
+            launch.kill()
+        raise
+    return started[0]
+
+
+def _write_payload(job_dir: JobDir, fn: Callable, args: tuple, kwargs: dict, *,
+                   on_pickled: Callable[[], None]) -> None:
+    """Pickle the function and its arguments into the job directory."""
+    try:
+        size = payload.dump((fn, args, kwargs), job_dir.payload, on_pickled=on_pickled)
     except Exception as exc:
         named = [("the function", fn)]
         for label, value in [*((f"argument {i}", a) for i, a in enumerate(args)),
@@ -217,6 +247,10 @@ def _pack(job_dir: JobDir, fn: Callable, args: tuple, kwargs: dict, plan: Plan,
             hint="Create such objects (locks, open files, connections, generators) "
                  "inside the function instead of passing them in.") from None
     payload.warn_if_large(size, "payload (function and arguments)")
+
+
+def _write_spec(job_dir: JobDir, plan: Plan, return_all: bool) -> None:
+    """Everything else the ranks read: the job's shape and the entry script."""
     write_json_atomic(job_dir.spec, {
         "nprocs": plan.nprocs, "backend": plan.backend, "device": plan.device,
         "return_all": return_all, "caller_pid": os.getpid(),

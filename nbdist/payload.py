@@ -18,7 +18,7 @@ import copy
 import types
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import cloudpickle
 
@@ -28,14 +28,43 @@ from nbdist.jobdir import atomic_path
 LARGE_PAYLOAD_BYTES = 1 << 30
 
 
-def dump(obj: Any, path: Path) -> int:
-    """Write ``obj`` to ``path`` atomically; return the file size in bytes."""
+def dump(obj: Any, path: Path, *, on_pickled: Callable[[], None] | None = None) -> int:
+    """Write ``obj`` to ``path`` atomically; return the file size in bytes.
+
+    ``on_pickled`` is called once the whole object graph is pickled, so after any
+    pickling error, but before the tensors' bytes are written: ``torch.save`` pickles
+    into memory with ``pickle_module.Pickler`` first and writes the storages after.
+    """
     import torch
 
+    pickle_module: Any = cloudpickle
+    if on_pickled is not None:
+        pickle_module = _calling_after_dump(on_pickled)
     with atomic_path(path, durable=False) as tmp, _without_crc32(torch):
-        torch.save(obj, tmp, pickle_module=cloudpickle)
+        torch.save(obj, tmp, pickle_module=pickle_module)
+        if on_pickled is not None:
+            pickle_module.call_once()  # a torch that never used our Pickler: no overlap
         size = tmp.stat().st_size
     return size
+
+
+def _calling_after_dump(hook: Callable[[], None]) -> types.SimpleNamespace:
+    """A stand-in for the cloudpickle module whose Pickler calls ``hook`` after dump."""
+    called = False
+
+    def call_once() -> None:
+        nonlocal called
+        if not called:
+            called = True
+            hook()
+
+    class Pickler(cloudpickle.Pickler):
+        def dump(self, obj: Any) -> None:
+            super().dump(obj)
+            call_once()
+
+    return types.SimpleNamespace(__name__="cloudpickle", Pickler=Pickler,
+                                 call_once=call_once)
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from test_failures import SlowToUnpickleOnRank1, noop
 
 class InterruptWhilePacking:
     def __reduce__(self):
-        raise KeyboardInterrupt  # as if the user pressed stop while the payload is written
+        raise KeyboardInterrupt  # as if the user pressed stop while pickling
 
 
 def _interrupt_in_caller():
@@ -50,7 +50,7 @@ def _interrupt_when(home: str, phase: str, seen: list[int], when: list[float]) -
     while time.monotonic() < deadline:
         agents = [p for p in psutil.Process().children()
                   if "nbdist._agent" in " ".join(p.cmdline())]
-        if phase == "starting" and agents:
+        if phase in ("starting", "writing") and agents:
             break
         if phase == "init" and job_dirs(home) and any(
                 s["state"] == "joining" for s in rank_states(job_dirs(home)[-1]).values()):
@@ -67,6 +67,9 @@ PHASES = {
     # phase: (fn, args, interrupted from a thread?)
     "packing": (noop, (InterruptWhilePacking(),), False),
     "starting": (noop, (), True),
+    # torchrun starts while the tensors' bytes are still written (64 of them: the
+    # interrupt lands between two)
+    "writing": (noop, ([torch.zeros(1 << 20) for _ in range(64)],), True),
     "init": (lambda x: None, (SlowToUnpickleOnRank1(),), True),
     "collecting": (return_interrupting_result, (), False),
 }
@@ -85,7 +88,7 @@ def test_interrupt_in_every_phase_leaves_nothing(nbdist_home, record_property):
             nbdist.run_distributed(fn, *args, nprocs=2, display="none")
         interrupted = when[0] if when else time.monotonic()
         seen.extend(_job_processes())
-        if phase == "starting":
+        if phase in ("starting", "writing"):
             assert seen, "the interrupt came before torchrun started"
         wait_gone(seen, 5)
         gone = time.monotonic() - interrupted
@@ -142,6 +145,18 @@ def test_large_payload_warns(monkeypatch):
     monkeypatch.setattr(payload, "LARGE_PAYLOAD_BYTES", 1 << 20)
     with pytest.warns(UserWarning, match="loading large data inside the function"):
         nbdist.run_distributed(torch.numel, torch.zeros(1 << 19), nprocs=1, display="none")
+
+
+def test_payload_hook_runs_once_after_pickling_and_before_the_file_exists(tmp_path):
+    path = tmp_path / "payload.pt"
+    calls = []
+    size = payload.dump((noop, (torch.ones(3),), {}), path,
+                        on_pickled=lambda: calls.append(path.exists()))
+    assert calls == [False] and size == path.stat().st_size
+    assert torch.equal(payload.load(path)[1][0], torch.ones(3))
+    with pytest.raises(TypeError, match="pickle"):
+        payload.dump(threading.Lock(), path, on_pickled=lambda: calls.append("late"))
+    assert calls == [False]
 
 
 def _fake_job(status: str, loaded: bool, result: bool = True) -> Job:

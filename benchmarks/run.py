@@ -376,23 +376,29 @@ def bench_ship(cfg: Config) -> list[Row]:
 
 
 def bench_import(cfg: Config) -> list[Row]:
+    # nbdist's package imports its modules on first use: the second figure is what the
+    # first ``nbdist.run_distributed`` adds (api, job, displays), paid once per kernel
     code = ("import time, torch; t = time.perf_counter(); import nbdist; "
-            "print(time.perf_counter() - t)")
+            "t1 = time.perf_counter(); nbdist.run_distributed; "
+            "print(t1 - t, time.perf_counter() - t1)")
     # the nbdist this run imported (a checkout on PYTHONPATH, or the installed one)
     where = str(Path(nbdist.__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [where] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    times = []
+    times, first_use = [], []
     with tempfile.TemporaryDirectory() as cwd:
         for _ in range(cfg.import_runs):
             out = subprocess.run([sys.executable, "-c", code], check=True, text=True,
                                  stdout=subprocess.PIPE, cwd=cwd, env=env).stdout
-            times.append(float(out.split()[-1]))
+            times.append(float(out.split()[-2]))
+            first_use.append(float(out.split()[-1]))
     ms = 1000 * median(times)
     return [Row(f"import nbdist, torch already imported (median of {len(times)} fresh "
                 f"interpreters)", f"{ms:.0f} ms", "—", "—", "≤ 50 ms",
                 judge(ms <= 50, cfg),
-                [f"ms: {', '.join(f'{1000 * x:.0f}' for x in times)}"])]
+                [f"ms: {', '.join(f'{1000 * x:.0f}' for x in times)}",
+                 f"then the first nbdist.run_distributed lookup: "
+                 f"{1000 * median(first_use):.0f} ms (median)"])]
 
 
 def bench_track(cfg: Config) -> list[Row]:

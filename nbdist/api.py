@@ -102,6 +102,9 @@ def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
         raise
     finally:
         launch.kill()
+        # every rank is gone: the input is spent (a 1 GiB dataset passed in would
+        # otherwise stay on disk for the next $NBDIST_KEEP_JOBS jobs)
+        job_dir.payload.unlink(missing_ok=True)
         job.ended = time.time()
         job.save()
         view.stop(job)

@@ -73,6 +73,7 @@ def test_return_all_args_kwargs_helpers_output_and_job_record(tmp_path, capfd, m
     assert "hello from rank 1" in job.log(1) and "hello from rank 0" in job.log(0)
     assert 0 < job.duration < 60
     assert oct(os.stat(job.dir).st_mode & 0o777) == "0o700"
+    assert not (Path(job.dir) / "payload.pt").exists()  # the input is deleted, results kept
     assert [j.id for j in nbdist.jobs()] == [job.id]
 
     # a fresh process (a restarted kernel) reloads the result from the job directory

@@ -145,3 +145,22 @@ def test_large_rank0_output_is_delivered_whole(capfd):
     lines = [line for line in out if line.startswith("line ")]
     assert lines == [f"line {i}" for i in range(200_000)]
     assert "x" * 200_000 in out
+
+
+def test_import_is_lazy_and_every_public_name_resolves():
+    """Ranks and the agent import the package too: it must not pull in the caller's side."""
+    proc = run_script("""
+        import sys
+        import nbdist
+        assert not [m for m in sys.modules if m.startswith("nbdist.")], sys.modules
+        from nbdist import *
+        missing = [n for n in nbdist.__all__ if n not in dir(nbdist)]
+        print(missing, nbdist.api.run_distributed is nbdist.run_distributed)
+        try:
+            nbdist.no_such_name
+        except AttributeError as exc:
+            print(exc)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["[] True",
+                                        "module 'nbdist' has no attribute 'no_such_name'"]

@@ -68,8 +68,8 @@ def touch(tensor: torch.Tensor | None, smaps: bool = False) -> dict:
     if smaps:
         out.update(_mapping_usage("payload.pt"))
         out["rss_anon_kib"] = _status_kib("RssAnon")
-        if out["mapped_file"]:  # the job folder while the job runs (nbdist deletes the
-            folder = Path(out["mapped_file"]).parent  # payload when it ends)
+        if out["mapped_file"]:  # list the job folder now: the payload is deleted after
+            folder = Path(out["mapped_file"]).parent
             out["job_files"] = {p.name: p.stat().st_size for p in folder.iterdir()
                                 if p.is_file()}
     return out

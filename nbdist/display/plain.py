@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING, Callable, TextIO
 
 from nbdist.display.base import Display
-from nbdist.display.state import BAD_STATES, JobView, describe_failure, format_metrics
+from nbdist.display.state import JobView, RankView, describe_failure, format_metrics
 
 if TYPE_CHECKING:
     from nbdist.channel import Event
@@ -69,9 +69,7 @@ class PlainDisplay(Display):
             return
         rank = view.ranks[event.rank]
         if event.kind == "status":
-            if rank.state in BAD_STATES and rank.rank not in self._failed_shown:
-                self._failed_shown.add(rank.rank)
-                self._line(f"rank {rank.rank} {rank.state}  {describe_failure(rank)}")
+            self._show_failure(rank)
             return
         if event.rank not in view.streamed:
             return
@@ -107,14 +105,18 @@ class PlainDisplay(Display):
         if view is not None:
             view.finish(job)
             for rank in view.ranks:
-                if rank.bad and rank.rank not in self._failed_shown:
-                    self._failed_shown.add(rank.rank)
-                    self._line(f"rank {rank.rank} {rank.state}  {describe_failure(rank)}")
+                self._show_failure(rank)
             metrics = format_metrics(view.ranks[0].metrics) if view.ranks else ""
             if metrics:
                 self._line(f"rank 0 final metrics: {metrics}")
         self._line(f"job {job.id} {job.status} in {job.duration:.1f}s "
                    f"({job.nprocs} ranks; logs: {job.dir})")
+
+    def _show_failure(self, rank: RankView) -> None:
+        """One line for a failed rank, the first time it is seen failed."""
+        if rank.bad and rank.rank not in self._failed_shown:
+            self._failed_shown.add(rank.rank)
+            self._line(f"rank {rank.rank} {rank.state}  {describe_failure(rank)}")
 
     def _line(self, text: str) -> None:
         self.stream.write(f"[nbdist] {text}\n")

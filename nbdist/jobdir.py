@@ -94,6 +94,9 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_bytes_atomic(path, json.dumps(obj, indent=1).encode())
 
 
+_last_ms = 0  # the newest job id's millisecond in this process (JobDir.create)
+
+
 class JobDir:
     """Paths of one job's folder (the caller creates it, the workers fill it)."""
 
@@ -102,11 +105,14 @@ class JobDir:
 
     @classmethod
     def create(cls) -> "JobDir":
+        global _last_ms
         jobs = base_dir()
-        now = time.time()
-        # sorts by creation time (to the millisecond), unique thanks to the random tail
-        job_id = (time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-                  + f"-{int(now * 1000) % 1000:03d}-{secrets.token_hex(2)}")
+        # sorts by creation time, to the millisecond; unique thanks to the random tail.
+        # Two jobs of one process never share a millisecond, so "newest" (jobs(),
+        # retention) is never decided by the random tail.
+        ms = _last_ms = max(int(time.time() * 1000), _last_ms + 1)
+        job_id = (time.strftime("%Y%m%d-%H%M%S", time.localtime(ms / 1000))
+                  + f"-{ms % 1000:03d}-{secrets.token_hex(2)}")
         path = jobs / job_id
         path.mkdir(mode=0o700)
         return cls(path)

@@ -169,6 +169,11 @@ def _fake_job(status: str, loaded: bool, result: bool = True) -> Job:
     return job
 
 
+def test_job_ids_sort_in_creation_order_even_within_a_millisecond():
+    ids = [JobDir.create().id for _ in range(50)]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
 def test_retention_keeps_recent_jobs_and_unloaded_results():
     unloaded = _fake_job("succeeded", loaded=False)
     old = [_fake_job("succeeded", loaded=True) for _ in range(3)] + [

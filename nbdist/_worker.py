@@ -12,6 +12,7 @@ peers may be stuck in a collective, and torchrun's agent kills them when one ran
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import pickle
@@ -23,9 +24,7 @@ import time
 import traceback
 from typing import Any
 
-import cloudpickle
-
-from nbdist import payload, runtime
+from nbdist import frameworks, payload, runtime
 from nbdist.channel import (DONE, FAILED, JOINING, READY, RUNNING, STARTING,
                             ChannelWriter)
 from nbdist.errors import add_note
@@ -48,6 +47,7 @@ def main(job_dir: str) -> None:
         fn, args, kwargs = _load_payload(job, rank)
         channel.status(JOINING)
         _init_process_group(spec)
+        frameworks.on_rank(spec)
         channel.status(READY)
         channel.status(RUNNING)
         result = fn(*args, **kwargs)
@@ -106,9 +106,12 @@ def _destroy_process_group() -> None:
 
 
 def _save_result(job: JobDir, rank: int, result: Any) -> None:
-    result = payload.to_cpu(result)
+    single = not isinstance(result, payload.Outputs)  # a function's value, or a cell's names
+    outputs = payload.Outputs({payload.RETURN_VALUE: result}) if single else result
+    outputs.values = {name: payload.to_cpu(v) for name, v in outputs.values.items()}
     try:
-        payload.dump(result, job.result(rank))
+        payload.dump_outputs(outputs, job.result(rank), functools.partial(job.result_part, rank),
+                             strict=single)
     except Exception as exc:
         raise payload.unpicklable_error(
             f"return value of rank {rank}", payload.parts(result), exc,
@@ -126,7 +129,7 @@ def _record_error(job: JobDir, rank: int, exc: BaseException) -> None:
     if rank != 0:  # rank 0's log is streamed to the caller, which re-raises it anyway
         print(tb, file=sys.stderr, flush=True)
     try:
-        exc_bytes: bytes | None = cloudpickle.dumps(exc)
+        exc_bytes: bytes | None = payload.dumps(exc)
         pickle.loads(exc_bytes)
     except Exception:
         exc_bytes = None

@@ -13,6 +13,7 @@ which outranks a rank torchrun terminated while tearing the job down.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -23,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from nbdist import payload
-from nbdist.errors import (LaunchError, RemoteError, RemoteTraceback,
+from nbdist.errors import (LaunchError, PicklingError, RemoteError, RemoteTraceback,
                            WorkerCrashedError, add_note)
 from nbdist.jobdir import JobDir, base_dir, check_private, tail, write_json_atomic
 
@@ -152,16 +153,33 @@ def load_result(job_dir: str | os.PathLike, *, rank: int | None = None):
 
 
 def read_results(job_dir: JobDir, ranks: list[int], status: str | None = None) -> list:
-    """The saved return values of ``ranks``, checking each file is the user's own."""
+    """The saved return values of ``ranks``, checking each file is the user's own.
+
+    A function's value comes back as itself (or raises :class:`PicklingError` naming
+    it if it cannot be loaded here); a cell's names as :class:`payload.Outputs`.
+    """
+    values = []
     for r in ranks:
-        path = job_dir.result(r)
-        if not path.exists():
+        if not job_dir.result(r).exists():
             why = f" (job status: {status})" if status else ""
             raise FileNotFoundError(
                 f"job {job_dir.id} has no result from rank {r}{why}; "
                 f"its logs are in {job_dir.path}")
-        check_private(path)
-    return [payload.load(job_dir.result(r)) for r in ranks]
+        outputs = payload.load_outputs(job_dir.result(r), functools.partial(job_dir.result_part, r))
+        values.append(_single_value(outputs, r, job_dir))
+    return values
+
+
+def _single_value(outputs: payload.Outputs, rank: int, job_dir: JobDir):
+    name = payload.RETURN_VALUE
+    if name in outputs.values:
+        return outputs.values[name]
+    if name in outputs.skipped:
+        raise PicklingError(
+            f"the return value of rank {rank}: {outputs.skipped[name]}. Return plain data "
+            f"instead (a state_dict, model.module, tensors, numbers); the saved file stays "
+            f"in {job_dir.path}.", name=name)
+    return outputs  # a cell's names
 
 
 def _signal_name(exitcode: int | None) -> str | None:

@@ -9,7 +9,8 @@
         launcher.log       torchrun's own output
         rank-N.log         everything rank N printed (stdout and stderr, in order)
         events-rank-N.jsonl  status / progress / metrics of rank N   (channel.py)
-        result-rank-N.pt   rank N's return value (rank 0 only unless return_all)
+        result-rank-N.pt   index of rank N's result (rank 0 only unless return_all)
+        result-rank-N.NAME.pt  one value of it: the return value, or a cell's name
         error-rank-N.pkl   rank N's exception record
         failures.json      per-rank exit codes as torchrun's agent saw them
         job.json           the final :class:`Job` record
@@ -153,6 +154,9 @@ class JobDir:
 
     def result(self, rank: int) -> Path:
         return self.path / f"result-rank-{rank}.pt"
+
+    def result_part(self, rank: int, name: str) -> Path:
+        return self.path / f"result-rank-{rank}.{name.replace(' ', '-')}.pt"
 
     def error(self, rank: int) -> Path:
         return self.path / f"error-rank-{rank}.pkl"

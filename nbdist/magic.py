@@ -33,24 +33,26 @@ from __future__ import annotations
 
 import ast
 import builtins
-import functools
+import dataclasses
+import importlib
 import keyword
-import linecache
 import re
 import sys
+import types
 from dataclasses import dataclass, field
 from typing import Any, Iterable
-
-import cloudpickle
 
 from nbdist import api, payload, runtime
 from nbdist.errors import InvalidArgumentError, NbdistError, PicklingError, add_note
 
 MAGIC_NAMES = ("distributed", "nbdist")  # "distributed" alone clashes with other packages
 
-# Given to every rank's namespace; never captured from the notebook, never sent back.
-PREDEFINED = ("rank", "local_rank", "world_size", "device",
-              "track", "report", "barrier", "is_main", "rank0_first")
+# Given to every rank's namespace, never sent back. The values are each rank's own and
+# win over the notebook's (the user is told); a notebook function of the same name as
+# a helper (fastai's rank0_first) wins over nbdist's.
+RANK_VALUES = ("rank", "local_rank", "world_size", "device")
+HELPERS = ("track", "report", "barrier", "is_main", "rank0_first")
+PREDEFINED = RANK_VALUES + HELPERS
 
 # _, __, ___, _i, _ii, _iii, _iN, _N, _ih, _oh, _dh: IPython's output/input history
 _IPYTHON_MANAGED = re.compile(r"_{1,3}|_i{1,3}|_i?\d+|_[iod]h")
@@ -70,7 +72,11 @@ class Cell:
     text: str  # the whole cell, magic line included, so line numbers match the notebook
     outputs: tuple[str, ...]  # the names rank 0 sends back
     explicit: bool = False  # outputs came from --out: a missing one is worth a warning
-    sources: dict[str, list[str]] = field(default_factory=dict)  # notebook cells' lines
+    # modules the notebook imported, for their side effects (fastai.distributed patches
+    # Learner): those of the packages the cell's values come from are imported on the
+    # ranks first; the others are named if the cell then fails for want of an attribute
+    imports: tuple[str, ...] = ()
+    not_imported: tuple[str, ...] = ()
 
     def compile(self):
         return compile_body(self.body, self.filename)
@@ -85,17 +91,36 @@ def compile_body(body: str, filename: str):
 
 # --------------------------------------------------------------------- on every rank
 
-def _run_cell(cell: Cell, captured: dict[str, Any]) -> dict[str, dict] | None:
+def _run_cell(cell: Cell, captured: dict[str, Any]) -> payload.Outputs | None:
     """Run the cell in a fresh namespace; on rank 0, return what goes back."""
-    _register_source(cell.filename, cell.text.splitlines(True))
-    for filename, lines in cell.sources.items():  # so frames of notebook functions show code
-        _register_source(filename, lines)
-    namespace = {"__name__": "__main__", "__builtins__": builtins, **captured,
-                 **predefined()}
-    exec(cell.compile(), namespace)
+    payload.register_source(cell.filename, cell.text.splitlines(True))
+    _import_notebook_modules(cell.imports)
+    namespace = {"__name__": "__main__", "__builtins__": builtins, **predefined(),
+                 **captured}
+    try:
+        exec(cell.compile(), namespace)
+    except (AttributeError, NameError) as exc:
+        skipped = [m for m in cell.not_imported if m not in sys.modules]
+        if skipped:
+            add_note(exc, f"[nbdist] the notebook also imported {', '.join(skipped)}, which "
+                          f"the ranks did not: if the cell needs what they set up, import "
+                          f"them in the cell")
+        raise
     if not runtime.is_main():
         return None
     return _collect(namespace, cell)
+
+
+def _import_notebook_modules(modules: tuple[str, ...]) -> None:
+    failed = []
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # an import can raise anything; the cell may not need it
+            failed.append(f"{module} ({type(exc).__name__}: {exc})")
+    if failed and runtime.is_main():
+        print(f"[nbdist] the notebook's imports {', '.join(failed)} failed on the ranks",
+              file=sys.stderr, flush=True)
 
 
 def predefined() -> dict[str, Any]:
@@ -109,58 +134,15 @@ def predefined() -> dict[str, Any]:
     }
 
 
-def _collect(namespace: dict[str, Any], cell: Cell) -> dict[str, dict]:
-    """The output names' values (CPU, DDP unwrapped), and why any was left out.
-
-    Each value is probed on its own, so one that cannot be pickled costs only itself.
-    """
-    values: dict[str, Any] = {}
-    skipped: dict[str, str] = {}
+def _collect(namespace: dict[str, Any], cell: Cell) -> payload.Outputs:
+    """The output names' values; each travels on its own (see ``payload.Outputs``)."""
+    outputs = payload.Outputs()
     for name in cell.outputs:
-        if name not in namespace:
-            if cell.explicit:
-                skipped[name] = "it is not defined on rank 0 after the cell"
-            continue
-        value = payload.to_cpu(namespace[name])
-        problem = _pickle_problem(value)
-        if problem is None:
-            values[name] = value
-        else:
-            skipped[name] = f"a {type(value).__name__} cannot be pickled ({problem})"
-    return {"values": values, "skipped": skipped}
-
-
-def _pickle_problem(value: Any) -> str | None:
-    try:
-        _probe_pickler()(_Discard()).dump(value)
-    except Exception as exc:  # pickling can raise nearly anything
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
-class _Discard:
-    def write(self, data: bytes) -> int:
-        return len(data)
-
-
-@functools.cache
-def _probe_pickler() -> type:
-    import torch
-
-    class ProbePickler(cloudpickle.Pickler):
-        """Pickles into nothing; tensor data is skipped (torch.save stores it raw)."""
-
-        def persistent_id(self, obj: Any) -> Any:
-            if torch.is_storage(obj) or isinstance(obj, torch.storage.TypedStorage):
-                return id(obj)
-            return None
-
-    return ProbePickler
-
-
-def _register_source(filename: str, lines: list[str]) -> None:
-    # mtime None: linecache.checkcache never evicts it (as IPython does for its cells)
-    linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
+        if name in namespace:
+            outputs.values[name] = namespace[name]
+        elif cell.explicit:
+            outputs.skipped[name] = "it is not defined on rank 0 after the cell"
+    return outputs
 
 
 # ------------------------------------------------------------ what a cell reads/binds
@@ -354,7 +336,14 @@ def _make_magic(shell):
             args = parse_argstring(distributed, line)
         except (UsageError, ValueError) as exc:  # ValueError: an unclosed quote
             raise UsageError(f"{usage}%%distributed: {exc}") from None
-        _run_magic(shell, args, line, cell, usage=usage)
+        try:
+            _run_magic(shell, args, line, cell, usage=usage)
+        except SyntaxError as exc:
+            if not getattr(exc, "nbdist_cell", False):
+                raise
+            # IPython shows a SyntaxError with every frame it went through (it ignores
+            # _render_traceback_ for them): keep only this one, not nbdist's insides
+            raise exc.with_traceback(None) from None
 
     return distributed
 
@@ -364,17 +353,20 @@ def _run_magic(shell, args, line: str, body: str, *, usage: str) -> None:
     options = _job_options(args, usage)
     outputs = _parse_out(args.out, usage) if args.out is not None else None
     cell = _prepare(shell, line, body, outputs)
-    captured = _capture(shell, names_read(body))
+    reads = names_read(body)
+    captured = _capture(shell, reads)
+    _say_shadowed(shell, reads)
+    cell = dataclasses.replace(cell, **_notebook_imports(shell, captured))
     result = _launch(shell, cell, captured, options)
     if result is None:  # the cell called sys.exit() on rank 0
         return
-    shell.user_ns.update(result["values"])
-    for name, why in result["skipped"].items():
+    shell.user_ns.update(result.values)
+    for name, why in result.skipped.items():
         print(f"[nbdist] {name!r} did not come back: {why}. The other names did; return "
               f"plain data (tensors, state_dicts, numbers) or pick names with --out.",
               file=sys.stderr)
-    if result["values"] and not args.quiet:
-        print(f"[nbdist] from rank 0: {', '.join(result['values'])}")
+    if result.values and not args.quiet:
+        print(f"[nbdist] from rank 0: {', '.join(result.values)}")
 
 
 def _job_options(args, usage: str) -> dict[str, Any]:
@@ -386,31 +378,54 @@ def _job_options(args, usage: str) -> dict[str, Any]:
     try:
         api.plan_job(_run_cell, init_timeout=api.DEFAULT_INIT_TIMEOUT, **shape)
     except InvalidArgumentError as exc:
-        raise UsageError(f"{usage}%%distributed: {exc}") from None
+        raise UsageError(f"{usage}%%distributed: {_as_options(str(exc))}") from None
     return {**shape, "display": "none" if args.quiet else "auto",
             "all_ranks": args.all_ranks}
 
 
+_KEYWORD = re.compile(r"\b(nprocs|gpus|backend|timeout|init_timeout)=(?:'([^']*)'|([^\s,;)]+))")
+
+
+def _as_options(message: str) -> str:
+    """run_distributed's words in a magic's: ``use nprocs=2`` → ``use --nprocs 2``."""
+    return _KEYWORD.sub(lambda m: f"--{m[1].replace('_', '-')} {m[2] or m[3]}", message)
+
+
 def _prepare(shell, line: str, body: str, outputs: list[str] | None) -> Cell:
     """Compile the cell here first (a SyntaxError shows before anything starts)."""
-    filename = f"<nbdist-cell In[{shell.execution_count}]>"
+    filename = f"<nbdist-cell {_this_cell(shell)}>"
     text = f"%%{MAGIC_NAMES[0]} {line}".rstrip() + "\n" + body
     # registered here too: for the SyntaxError's line, and for functions the cell
     # defines, whose frames point at this cell once they are back in the notebook
-    _register_source(filename, text.splitlines(True))
+    payload.register_source(filename, text.splitlines(True))
     try:
         compile_body(body, filename)
     except SyntaxError as exc:
         if re.search(r"(?m)^\s*[%!]", body):
             add_note(exc, "[nbdist] the ranks run plain Python: IPython's %magics and "
                           "!commands do not work inside a %%distributed cell")
+        exc.nbdist_cell = True  # type: ignore[attr-defined]
         raise
     if outputs is None:
         outputs = [n for n in names_assigned(body)
                    if n not in PREDEFINED and not _IPYTHON_MANAGED.fullmatch(n)]
-        return Cell(body, filename, text, tuple(outputs), sources=_notebook_sources(shell))
-    return Cell(body, filename, text, tuple(outputs), explicit=True,
-                sources=_notebook_sources(shell))
+        return Cell(body, filename, text, tuple(outputs))
+    return Cell(body, filename, text, tuple(outputs), explicit=True)
+
+
+def _this_cell(shell) -> str:
+    """``In[N]`` of the cell running now, as IPython names it in its tracebacks.
+
+    ``shell.execution_count`` is not it: IPython 9 counts the next cell already.
+    """
+    name_of = getattr(shell.compile, "format_code_name", None)  # IPython >= 8
+    frame = sys._getframe(1)
+    while name_of is not None and frame is not None:
+        named = name_of(frame.f_code.co_filename)  # the cell calling run_cell_magic
+        if named is not None:
+            return named[1]
+        frame = frame.f_back
+    return f"In[{shell.execution_count}]"
 
 
 def _launch(shell, cell: Cell, captured: dict[str, Any], options: dict[str, Any]):
@@ -438,18 +453,55 @@ def _launch(shell, cell: Cell, captured: dict[str, Any], options: dict[str, Any]
 
 
 def _capture(shell, names: Iterable[str]) -> dict[str, Any]:
-    """The notebook's values of ``names``, leaving out IPython's own and the predefined."""
+    """The notebook's values of ``names``, leaving out IPython's own, the ranks' own
+    values and nbdist's helpers (a notebook function named like a helper is kept)."""
     hidden = shell.user_ns_hidden
     missing = object()
     captured = {}
     for name in names:
         value = shell.user_ns.get(name, missing)
-        if (value is missing or name in PREDEFINED or _IPYTHON_MANAGED.fullmatch(name)
+        if (value is missing or name in RANK_VALUES or _IPYTHON_MANAGED.fullmatch(name)
                 or hidden.get(name, missing) is value
+                or (name in HELPERS and value is getattr(runtime, name))
                 or (name.startswith("__") and name.endswith("__"))):
             continue
         captured[name] = value
     return captured
+
+
+def _say_shadowed(shell, reads: Iterable[str]) -> None:
+    """Tell the user when the cell's ``device`` (``rank``...) is not the notebook's."""
+    shadowed = [name for name in reads if name in RANK_VALUES and name in shell.user_ns]
+    if shadowed:
+        print(f"[nbdist] in the cell, {', '.join(shadowed)} are each rank's own, not the "
+              f"notebook's variables of that name (rename those to use them on the ranks)",
+              file=sys.stderr)
+
+
+def _notebook_imports(shell, captured: dict[str, Any]) -> dict[str, tuple[str, ...]]:
+    """The modules the notebook's cells imported, split by whether the ranks import
+    them before the cell: those of a package that the cell's values come from."""
+    imported: dict[str, None] = {}
+    for source in shell.user_ns.get("In", ()):
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported.update(dict.fromkeys(alias.name for alias in node.names))
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                imported[node.module] = None
+    used = {_package_of(value) for value in captured.values()} - {None, "__main__"}
+    loaded = [m for m in imported if m in sys.modules]
+    return {"imports": tuple(m for m in loaded if m.partition(".")[0] in used),
+            "not_imported": tuple(m for m in loaded if m.partition(".")[0] not in used)}
+
+
+def _package_of(value: Any) -> str | None:
+    module = (value.__name__ if isinstance(value, types.ModuleType)
+              else getattr(value, "__module__", None) or type(value).__module__)
+    return module.partition(".")[0] if isinstance(module, str) else None
 
 
 def _parse_out(text: str, usage: str) -> list[str]:
@@ -461,18 +513,6 @@ def _parse_out(text: str, usage: str) -> list[str]:
         raise UsageError(f"{usage}%%distributed: --out takes variable names separated "
                          f"by commas (--out state,losses), got {text!r}")
     return names
-
-
-def _notebook_sources(shell) -> dict[str, list[str]]:
-    """Source lines of the notebook's cells, for tracebacks through notebook functions.
-
-    IPython keeps them in ``linecache`` under names only it knows; the ranks get them
-    so a frame in a function defined in the notebook shows its line."""
-    cell_name = getattr(shell.compile, "format_code_name", None)  # IPython >= 8
-    if cell_name is None:
-        return {}
-    return {name: entry[2] for name, entry in list(linecache.cache.items())
-            if len(entry) == 4 and entry[1] is None and cell_name(name) is not None}
 
 
 def _unpicklable_global(captured: dict[str, Any], cause: PicklingError) -> PicklingError:

@@ -6,6 +6,18 @@ a notebook travel by value, while tensors are stored once as raw storages that
 ``torch.load(mmap=True)`` maps instead of copying. Every rank therefore shares the
 page cache of one payload file, and a large result costs the caller little memory.
 
+nbdist's :class:`Pickler` adds two things to cloudpickle's:
+
+* code objects travel whole (``marshal``), with their file name and, for code that
+  has no file on disk (a notebook cell), its source lines: tracebacks on the ranks
+  and back in the notebook show the user's lines, whatever cloudpickle does with
+  ``co_filename`` (3.1.3 replaced it with ``<dynamic-code>``);
+* in results, a ``DistributedDataParallel`` anywhere in the value is stored as its
+  ``.module``: a DDP object cannot be unpickled without a process group.
+
+Results travel as :class:`Outputs`, one file per named value, so one value that
+cannot be pickled or loaded costs only itself.
+
 When pickling fails, :func:`find_unpicklable` pickles the parts one by one to name
 the culprit ("argument 'lock'", "global 'db' used by train") instead of showing a
 pickling stack dump.
@@ -15,20 +27,83 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
+import linecache
+import marshal
+import os
 import types
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import cloudpickle
 
 from nbdist.errors import PicklingError
-from nbdist.jobdir import atomic_path
+from nbdist.jobdir import atomic_path, check_private
 
 LARGE_PAYLOAD_BYTES = 1 << 30
 
 
-def dump(obj: Any, path: Path, *, on_pickled: Callable[[], None] | None = None) -> int:
+class Pickler(cloudpickle.Pickler):
+    """cloudpickle's Pickler, with code objects kept whole and DDP unwrapped in results."""
+
+    unwrap_ddp = False  # results only: on the way in, a DDP object stays what it is
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is types.CodeType:
+            return _load_code, (marshal.dumps(obj), obj.co_filename,
+                                _unfiled_source(obj.co_filename))
+        if self.unwrap_ddp and _is_ddp(obj):
+            return _same, (obj.module,)
+        return super().reducer_override(obj)
+
+
+class ResultPickler(Pickler):
+    unwrap_ddp = True
+
+
+def _unfiled_source(filename: str) -> list[str] | None:
+    """The lines of a file that exists only in this process's ``linecache`` (an
+    IPython cell): the same list object for every function of that cell, so the
+    pickle stores it once."""
+    entry = linecache.cache.get(filename)
+    if entry is None or len(entry) != 4 or os.path.isfile(filename):
+        return None
+    return entry[2]
+
+
+def _load_code(data: bytes, filename: str, lines: list[str] | None) -> types.CodeType:
+    if lines is not None and filename not in linecache.cache:
+        register_source(filename, lines)
+    return marshal.loads(data)
+
+
+def register_source(filename: str, lines: list[str]) -> None:
+    """Make ``lines`` the source of ``filename`` for tracebacks in this process."""
+    # mtime None: linecache.checkcache never evicts it (as IPython does for its cells)
+    linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
+
+
+def _is_ddp(obj: Any) -> bool:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(obj, DistributedDataParallel)
+
+
+def _same(obj: Any) -> Any:
+    return obj
+
+
+def dumps(obj: Any) -> bytes:
+    """``pickle.dumps`` with nbdist's :class:`Pickler` (small records: errors)."""
+    buffer = io.BytesIO()
+    Pickler(buffer).dump(obj)
+    return buffer.getvalue()
+
+
+def dump(obj: Any, path: Path, *, on_pickled: Callable[[], None] | None = None,
+         pickler: type[Pickler] = Pickler) -> int:
     """Write ``obj`` to ``path`` atomically; return the file size in bytes.
 
     ``on_pickled`` is called once the whole object graph is pickled, so after any
@@ -37,19 +112,16 @@ def dump(obj: Any, path: Path, *, on_pickled: Callable[[], None] | None = None) 
     """
     import torch
 
-    pickle_module: Any = cloudpickle
-    if on_pickled is not None:
-        pickle_module = _calling_after_dump(on_pickled)
+    pickle_module = _pickle_module(pickler, on_pickled or (lambda: None))
     with atomic_path(path, durable=False) as tmp, _without_crc32(torch):
         torch.save(obj, tmp, pickle_module=pickle_module)
-        if on_pickled is not None:
-            pickle_module.call_once()  # a torch that never used our Pickler: no overlap
+        pickle_module.call_once()  # a torch that never used our Pickler: no overlap
         size = tmp.stat().st_size
     return size
 
 
-def _calling_after_dump(hook: Callable[[], None]) -> types.SimpleNamespace:
-    """A stand-in for the cloudpickle module whose Pickler calls ``hook`` after dump."""
+def _pickle_module(base: type[Pickler], hook: Callable[[], None]) -> types.SimpleNamespace:
+    """A stand-in for the pickle module whose Pickler calls ``hook`` after dump."""
     called = False
 
     def call_once() -> None:
@@ -58,12 +130,12 @@ def _calling_after_dump(hook: Callable[[], None]) -> types.SimpleNamespace:
             called = True
             hook()
 
-    class Pickler(cloudpickle.Pickler):
+    class HookedPickler(base):  # type: ignore[valid-type, misc]
         def dump(self, obj: Any) -> None:
             super().dump(obj)
             call_once()
 
-    return types.SimpleNamespace(__name__="cloudpickle", Pickler=Pickler,
+    return types.SimpleNamespace(__name__="cloudpickle", Pickler=HookedPickler,
                                  call_once=call_once)
 
 
@@ -94,6 +166,69 @@ def load(path: Path) -> Any:
     return torch.load(path, weights_only=False, mmap=True, map_location="cpu")
 
 
+@dataclass
+class Outputs:
+    """Named values that travel one file each, so one that fails costs only itself.
+
+    Rank 0 of a ``%%distributed`` cell returns the names the cell assigned; a plain
+    function's return value travels as the single name :data:`RETURN_VALUE`.
+    ``skipped`` says, per name, why a value did not come back.
+    """
+
+    values: dict[str, Any] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    types: dict[str, str] = field(default_factory=dict)  # name -> the value's type
+
+
+RETURN_VALUE = "return value"
+
+
+def dump_outputs(outputs: Outputs, path: Path, part: Callable[[str], Path], *,
+                 strict: bool = False) -> None:
+    """Write each value to ``part(name)``, then the index of them to ``path``.
+
+    A value that cannot be pickled is skipped, with the reason, or raises if ``strict``.
+    """
+    index = Outputs(skipped=dict(outputs.skipped))
+    for name, value in outputs.values.items():
+        kind = _type_name(value)
+        try:
+            dump(value, part(name), pickler=ResultPickler)
+        except Exception as exc:  # pickling can raise nearly anything
+            if strict:
+                raise
+            index.skipped[name] = (f"a {type(value).__name__} cannot be pickled "
+                                   f"({type(exc).__name__}: {exc})")
+            continue
+        index.values[name] = None
+        index.types[name] = kind
+    dump(index, path)
+
+
+def load_outputs(path: Path, part: Callable[[str], Path]) -> Outputs:
+    """Read what :func:`dump_outputs` wrote; a value that fails to load is skipped."""
+    check_private(path)
+    index = load(path)
+    if not isinstance(index, Outputs):  # a plain file (written by hand, older nbdist)
+        return Outputs(values={RETURN_VALUE: index})
+    for name in list(index.values):
+        try:
+            check_private(part(name))
+            index.values[name] = load(part(name))
+        except Exception as exc:  # unpickling can raise nearly anything
+            del index.values[name]
+            index.skipped[name] = (
+                f"the {index.types.get(name, 'value')} was saved on the rank but cannot "
+                f"be loaded here ({type(exc).__name__}: {exc})")
+    return index
+
+
+def _type_name(value: Any) -> str:
+    kind = type(value)
+    return kind.__qualname__ if kind.__module__ in ("builtins", "__main__") \
+        else f"{kind.__module__}.{kind.__qualname__}"
+
+
 def warn_if_large(size: int, what: str) -> None:
     if size > LARGE_PAYLOAD_BYTES:
         warnings.warn(
@@ -106,7 +241,7 @@ def find_unpicklable(named_values: Iterable[tuple[str, Any]]) -> tuple[str, Any,
     """Return ``(name, value, error)`` of the first value cloudpickle refuses, or None."""
     for name, value in named_values:
         try:
-            cloudpickle.dumps(value)
+            dumps(value)
         except Exception as exc:  # pickling can raise nearly anything
             if isinstance(value, types.FunctionType):
                 inner = find_unpicklable(function_globals(value))

@@ -47,6 +47,7 @@ class Reply:
     stdout: str = ""
     stderr: str = ""
     results: list[str] = field(default_factory=list)  # text/plain of execute_result
+    execution_count: int | None = None  # the N of the cell's In[N]
 
     @property
     def error_text(self) -> str:
@@ -85,6 +86,7 @@ class Pending:
             msg = self.kernel.client.get_shell_msg(timeout=max(0.1, deadline - time.monotonic()))
             if msg["parent_header"].get("msg_id") == self.msg_id:
                 self.reply.status = msg["content"]["status"]
+                self.reply.execution_count = msg["content"].get("execution_count")
         return self.reply
 
     def _read_one(self, timeout: float) -> None:

@@ -28,7 +28,12 @@ EXAMPLE = REPO / "examples" / "mnist_ddp.ipynb"
 @pytest.fixture(scope="module")
 def shared_kernel(tmp_path_factory):
     km = kernel_manager(tmp_path_factory.mktemp("kernelspec"))
-    km.start_kernel(cwd=str(tmp_path_factory.mktemp("kernel-cwd")))
+    cwd = tmp_path_factory.mktemp("kernel-cwd")
+    (cwd / "sidefx").mkdir()  # a package beside the notebook, patched by its submodule
+    (cwd / "sidefx" / "__init__.py").write_text("class Widget:\n    pass\n")
+    (cwd / "sidefx" / "patch.py").write_text(
+        "from sidefx import Widget\nWidget.patched = lambda self: 'patched on the ranks too'\n")
+    km.start_kernel(cwd=str(cwd))
     kernel = Kernel(km)
     try:
         kernel.run("%load_ext nbdist\nimport os, sys, threading, torch, nbdist")
@@ -73,13 +78,16 @@ def test_names_read_and_assigned_follow_python_scoping():
 
 
 BAD_CELLS = [  # (magic line, body, ename shown, what the message must say)
+    # the magic speaks in options (--nprocs 2), never in Python (nprocs=2)
     ("distributed --bogus", "x = 1", "UsageError", "unrecognized arguments: --bogus"),
     ("distributed --nprocs two", "x = 1", "UsageError", "invalid int value: 'two'"),
     ("nbdist --nprocs 0", "x = 1", "UsageError", "nprocs must be a positive integer"),
     ("distributed --timeout -1", "x = 1", "UsageError", "timeout must be a positive"),
     ("distributed --out 1x,y", "x = 1", "UsageError", "--out takes variable names"),
     ("distributed --gpus 2", "x = 1", "UsageError", "no usable CUDA GPU"),
-    ("distributed --backend nccl", "x = 1", "UsageError", "needs GPUs"),
+    ("distributed --gpus 2", "x = 1", "UsageError", "use --nprocs 2 instead"),
+    ("distributed --backend nccl", "x = 1", "UsageError",
+     "--backend nccl needs GPUs; pass --gpus N, or use --backend gloo"),
     ("distributed", "x = (1", "SyntaxError", "never closed"),
     ("distributed", "!ls", "SyntaxError", "%magics and !commands do not work"),
     ("distributed", "print(lock)", "PicklingError",
@@ -104,7 +112,9 @@ def test_bad_cells_fail_before_anything_starts(kernel, nbdist_home, magic_line, 
         assert message in reply.error_text, reply
     if ename == "PicklingError":
         assert "Create it inside the cell" in reply.error_text
-        assert "magic.py" not in reply.error_text  # no nbdist internals
+        assert "magic.py" not in reply.error_text
+    for internal in ("_run_magic", "_prepare", "api.py"):  # no nbdist internals
+        assert internal not in reply.error_text + reply.stderr, reply
     assert not any((d / "entry.py").exists() for d in job_dirs(nbdist_home)), \
         "a job was started"
 
@@ -115,7 +125,7 @@ def test_options_map_to_run_distributed_arguments(kernel):
         _calls, _real = [], nbdist.api.run_distributed
         def _fake(fn, cell, captured, **options):
             _calls.append(options)
-            return {"values": {"fake": 1}, "skipped": {}}
+            return nbdist.payload.Outputs(values={"fake": 1})
         nbdist.api.run_distributed = _fake
     """))
     try:
@@ -145,8 +155,24 @@ def test_globals_in_names_out_and_rank0_output(kernel):
         w = torch.ones(3)
         device = "the notebook's"
         unused_lock = threading.Lock()  # not read by the cell, so never pickled
-        for _name in ("p", "total", "ddp", "t", "lock", "seen", "on_rank"):
+        class Holder:  # a Trainer as in PyTorch's DDP tutorial: it keeps the DDP model
+            def __init__(self, model):
+                self.model = model
+        class OnlyOnRanks:  # loads on a rank, fails in the kernel (as DDP itself does)
+            def __reduce__(self):
+                return (_rebuild_on_ranks, ())
+        def _rebuild_on_ranks():
+            if "RANK" not in os.environ:
+                raise ValueError("Default process group has not been initialized")
+            return OnlyOnRanks()
+        def report(**metrics):  # the notebook's own helper of that name wins
+            return "the notebook's report"
+        for _name in ("p", "total", "ddp", "t", "lock", "seen", "on_rank", "trainer",
+                      "fragile", "reported"):
             globals().pop(_name, None)
+        import sidefx  # a package whose submodule patches its class, as fastai's does
+        import sidefx.patch
+        widget = sidefx.Widget()
     """))
     reply = kernel.execute(cell("distributed --nprocs 2", """
         import torch.nn as nn
@@ -155,26 +181,42 @@ def test_globals_in_names_out_and_rank0_output(kernel):
         p = Point(rank)
         total = scale(w).sum().item()
         ddp = DDP(nn.Linear(2, 2))
+        trainer = Holder(ddp)
         t = torch.full((2,), float(rank), device=device)
         seen = (type(rank).__name__, type(device).__name__, world_size, local_rank,
                 is_main(), all(map(callable, (track, report, barrier, rank0_first))))
         print(f"hello from rank {rank}")
+        fragile = OnlyOnRanks()
+        reported = report(loss=1.0)
+        patched = widget.patched()
         lock = threading.Lock()
     """), timeout=180)
     assert reply.status == "ok", reply
     assert "hello from rank 0" in reply.stdout
     assert "hello from rank 1" not in reply.stdout + reply.stderr
-    assert "[nbdist] from rank 0: nn, DDP, on_rank, p, total, ddp, t, seen" in reply.stdout
+    assert ("[nbdist] from rank 0: nn, DDP, on_rank, p, total, ddp, trainer, t, seen, "
+            "reported, patched\n") in reply.stdout
     assert re.search(r"'lock' did not come back: a lock cannot be pickled", reply.stderr)
+    # one value that fails to load costs only itself, and is named
+    assert re.search(r"'fragile' did not come back: the OnlyOnRanks was saved on the rank "
+                     r"but cannot be loaded here \(ValueError: Default process group",
+                     reply.stderr), reply.stderr
+    # the notebook's `device` is not the cell's: said before the job
+    assert "[nbdist] in the cell, device are each rank's own" in reply.stderr
 
     # only what the cell reads travelled, plus the predefined names
     assert kernel.value("on_rank") == sorted([
         "__builtins__", "__name__", "DDP", "nn", "Point", "scale", "w", "torch",
         "threading", "rank", "local_rank", "world_size", "device", "track", "report",
-        "barrier", "is_main", "rank0_first"])
+        "barrier", "is_main", "rank0_first", "Holder", "OnlyOnRanks", "widget"])
     assert kernel.value("isinstance(p, Point), p.x") == (True, 0)
     assert kernel.value("total") == 6.0
     assert kernel.value("type(ddp).__name__, isinstance(ddp, torch.nn.Linear)") == ("Linear", True)
+    # DDP inside an object comes back unwrapped (it cannot load without a process group)
+    assert kernel.value("type(trainer).__name__, type(trainer.model).__name__") == (
+        "Holder", "Linear")
+    assert kernel.value("reported, patched, 'fragile' in globals()") == (
+        "the notebook's report", "patched on the ranks too", False)
     assert kernel.value("t.device.type, t.tolist()") == ("cpu", [0.0, 0.0])
     assert kernel.value("seen") == ("int", "device", 2, 0, True, True)
     # predefined names are not pushed back; the unpicklable one stayed behind
@@ -213,8 +255,9 @@ def test_rank_exception_is_the_users_own_with_the_cells_traceback(kernel):
     assert (reply.ename, reply.evalue) == ("TrainingDiverged", "loss is nan")
     text = reply.error_text
     assert "Traceback on rank 1 (most recent call last):" in text
-    assert re.search(r'File "<nbdist-cell In\[\d+\]>", line 5, in <module>\n    check\(loss\)',
-                     text), text
+    # the cell is named as IPython numbers it (In[N] of this very cell)
+    assert re.search(rf'File "<nbdist-cell In\[{reply.execution_count}\]>", line 5, in <module>'
+                     r'\n    check\(loss\)', text), text
     # the notebook function's frame shows its source, named as IPython names cells
     assert re.search(r"Cell In\[\d+\], line 5, in check\n"
                      r"    raise TrainingDiverged\(f\"loss is \{loss\}\"\)", text), text
@@ -224,6 +267,16 @@ def test_rank_exception_is_the_users_own_with_the_cells_traceback(kernel):
     # the exception object in the notebook is the notebook's class
     assert kernel.value("type(sys.last_value) is TrainingDiverged, "
                         "sys.last_value.nbdist_rank") == (True, 1)
+    # run_distributed of a notebook function: its frames show the notebook's lines
+    # too (they travel with the code, whatever cloudpickle does with co_filename)
+    out = kernel.run(textwrap.dedent("""
+        try:
+            nbdist.run_distributed(check, float("nan"), nprocs=2, display="none")
+        except TrainingDiverged as exc:
+            print(exc.__cause__)
+    """), timeout=180).stdout
+    assert re.search(r'File "[^"]+", line 5, in check\n'
+                     r'    raise TrainingDiverged\(f"loss is \{loss\}"\)', out), out
 
 
 def test_interrupt_stops_every_rank_and_the_next_cell_works(kernel, nbdist_home):

@@ -7,8 +7,10 @@ after a kernel restart.
 :func:`diagnose` turns the evidence left in the job directory (error records written by
 ranks, exit codes recorded by torchrun's agent, logs) into the one exception the user
 sees: the *root cause*. A rank's own exception outranks a crash reported by the agent,
-which outranks a communication error (usually a peer's death seen from the other side),
-which outranks a rank torchrun terminated while tearing the job down.
+which outranks a communication error (a peer's death seen from the other side: gloo's
+"Connection closed by peer", NCCL's, a ``DistError``, whatever its Python type), which
+outranks a rank torchrun terminated while tearing the job down. Within a kind, the
+first in time wins.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import functools
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import time
@@ -89,9 +92,12 @@ class Job:
 
 
 def jobs() -> list[Job]:
-    """Past jobs with a saved record, oldest first."""
+    """Past jobs with a saved record, newest first (job ids sort by creation time).
+
+    Example: ``nbdist.jobs()[0]`` is the latest finished job, also after a restart.
+    """
     found = []
-    for path in sorted(base_dir().iterdir()):
+    for path in sorted(base_dir().iterdir(), reverse=True):
         if JobDir(path).record.exists():
             try:
                 found.append(Job.load(path))
@@ -135,7 +141,7 @@ def load_result(job_dir: str | os.PathLike, *, rank: int | None = None):
     Returns rank 0's value, the list of all ranks' values for a ``return_all`` job, or
     the value of ``rank``. Example::
 
-        job = nbdist.jobs()[-1]
+        job = nbdist.jobs()[0]  # the newest
         state = nbdist.load_result(job.dir)
     """
     job_dir = JobDir(job_dir)
@@ -219,7 +225,7 @@ def diagnose(job: Job, launcher_exitcode: int | None) -> BaseException:
     for status in job.ranks:
         record = read_error(job_dir, status.rank)
         if record is not None:
-            suspects.append((2 if record["collective"] else 0, record["time"],
+            suspects.append((2 if is_communication_error(record) else 0, record["time"],
                              status.rank, record))
         elif status.rank in failures:
             failure = failures[status.rank]
@@ -244,6 +250,20 @@ def diagnose(job: Job, launcher_exitcode: int | None) -> BaseException:
             f"rank {r} ({rec['type'].rsplit('.', 1)[-1] if rec else _describe_exit(job.ranks[r].exitcode)})"
             for _, _, r, rec in others))
     return exc
+
+
+# What gloo, NCCL and c10d say when a peer went away or a collective never completed.
+# torch raises these as RuntimeError as often as DistError; either way they are the
+# consequence of another rank's failure, when there is one, not its cause.
+_COMMUNICATION = re.compile(
+    r"connection (closed|reset|refused) by peer|broken pipe|connectFullMesh|"
+    r"\[gloo\]|/gloo/|\bnccl\b|ProcessGroup\w*|c10d|timed out waiting|"
+    r"socket (timeout|closed)|watchdog", re.IGNORECASE)
+
+
+def is_communication_error(record: dict) -> bool:
+    """True for an error of the communication layer (a peer's death seen from here)."""
+    return record["collective"] or bool(_COMMUNICATION.search(record["message"]))
 
 
 def rebuild_exception(record: dict, job: Job) -> BaseException:

@@ -47,6 +47,7 @@ def main(job_dir: str) -> None:
         fn, args, kwargs = _load_payload(job, rank)
         channel.status(JOINING)
         _init_process_group(spec)
+        _accept_users_init()
         frameworks.on_rank(spec)
         channel.status(READY)
         channel.status(RUNNING)
@@ -60,6 +61,10 @@ def main(job_dir: str) -> None:
         if rank == 0 or spec["return_all"]:
             _save_result(job, rank, None)
     except BaseException as exc:
+        if isinstance(exc, EOFError):
+            add_note(exc, "[nbdist] the ranks have no standard input: input() cannot ask "
+                          "anyone there. Set the value in the notebook instead (a variable "
+                          "the cell reads, or an argument of the function).")
         runtime.flush_metrics()  # the last values before the failure are worth seeing
         _record_error(job, rank, exc)
         _exit_now(channel, 1, error=type(exc).__name__)
@@ -96,6 +101,40 @@ def _init_process_group(spec: dict) -> None:
     if spec["device"] == "cuda":
         torch.cuda.set_device(runtime.local_rank())
     dist.init_process_group(spec["backend"])
+
+
+def _accept_users_init() -> None:
+    """Make the user's own ``init_process_group`` (every tutorial has one) find the
+    group nbdist set up: the same backend is a no-op, said once; another is an error."""
+    import torch.distributed as dist
+
+    original = dist.init_process_group
+    said = False
+
+    @functools.wraps(original)
+    def init_process_group(backend: Any = None, *args: Any, **kwargs: Any) -> None:
+        nonlocal said
+        if not dist.is_initialized():  # the user destroyed it: theirs to make again
+            return original(backend, *args, **kwargs)
+        have = dist.get_backend()
+        conflicts = [f"backend={backend!r}"] if backend and have not in str(backend).lower() else []
+        for key, ours in (("world_size", dist.get_world_size()), ("rank", dist.get_rank())):
+            if kwargs.get(key, -1) not in (-1, ours):
+                conflicts.append(f"{key}={kwargs[key]!r}")
+        if conflicts:
+            raise ValueError(
+                f"init_process_group({', '.join(conflicts)}): nbdist already initialised "
+                f"the default process group (backend {have!r}, world size "
+                f"{dist.get_world_size()}, this is rank {dist.get_rank()}). Drop the call "
+                f"(the group is ready), or ask nbdist for what you need: backend='nccl' "
+                f"comes with gpus=N (--gpus N), the world size with nprocs (--nprocs).")
+        if not said:
+            said = True
+            print(f"[nbdist] init_process_group: the {have} process group nbdist set up "
+                  f"is already initialised; your call does nothing", file=sys.stderr,
+                  flush=True)
+
+    dist.init_process_group = init_process_group
 
 
 def _destroy_process_group() -> None:

@@ -223,6 +223,38 @@ def test_globals_in_names_out_and_rank0_output(kernel):
     assert kernel.value("device, 'lock' in globals()") == ("the notebook's", False)
 
 
+def test_tutorial_code_runs_unchanged_and_conflicts_are_explained(kernel):
+    kernel.run("for _name in ('summed',):\n    globals().pop(_name, None)")
+    reply = kernel.execute(cell("distributed --nprocs 2", """
+        import torch.distributed as dist
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)  # as tutorials do
+        dist.init_process_group(backend="gloo", init_method="env://")
+        x = torch.ones(1)
+        dist.all_reduce(x)
+        summed = x.item()
+        dist.destroy_process_group()  # the tutorial's cleanup is fine too
+    """), timeout=180)
+    assert reply.status == "ok", reply
+    assert kernel.value("summed") == 2.0
+    said = ("[nbdist] init_process_group: the gloo process group nbdist set up is already "
+            "initialised; your call does nothing")
+    assert reply.stdout.count(said) + reply.stderr.count(said) == 1, reply
+
+    reply = kernel.execute(cell("distributed --nprocs 2", """
+        import torch.distributed as dist
+        dist.init_process_group("nccl")
+    """), timeout=180)
+    assert reply.ename == "ValueError", reply
+    assert ("init_process_group(backend='nccl'): nbdist already initialised the default "
+            "process group (backend 'gloo', world size 2") in reply.error_text
+    assert "--gpus N" in reply.error_text
+
+    reply = kernel.execute(cell("distributed --nprocs 2", "name = input('your name? ')"),
+                           timeout=180)
+    assert reply.ename == "EOFError", reply
+    assert "the ranks have no standard input" in reply.error_text
+
+
 def test_out_restricts_names_and_all_ranks_streams_every_rank(kernel):
     kernel.run("for _name in ('a', 'b', 'c'):\n    globals().pop(_name, None)")
     reply = kernel.execute(cell("nbdist --nprocs 2 --out a,c --all-ranks", """

@@ -27,7 +27,6 @@ from typing import Any
 from nbdist import frameworks, payload, runtime
 from nbdist.channel import (DONE, FAILED, JOINING, READY, RUNNING, STARTING,
                             ChannelWriter)
-from nbdist.errors import add_note
 from nbdist.jobdir import JobDir, check_private, write_bytes_atomic
 
 HEARTBEAT = 5.0
@@ -62,9 +61,9 @@ def main(job_dir: str) -> None:
             _save_result(job, rank, None)
     except BaseException as exc:
         if isinstance(exc, EOFError):
-            add_note(exc, "[nbdist] the ranks have no standard input: input() cannot ask "
-                          "anyone there. Set the value in the notebook instead (a variable "
-                          "the cell reads, or an argument of the function).")
+            exc.add_note("[nbdist] the ranks have no standard input: input() cannot ask "
+                         "anyone there. Set the value in the notebook instead (a variable "
+                         "the cell reads, or an argument of the function).")
         runtime.flush_metrics()  # the last values before the failure are worth seeing
         _record_error(job, rank, exc)
         _exit_now(channel, 1, error=type(exc).__name__)
@@ -88,9 +87,9 @@ def _load_payload(job: JobDir, rank: int) -> tuple:
         check_private(job.payload)
         return payload.load(job.payload)
     except Exception as exc:
-        add_note(exc, f"[nbdist] while loading the job's function and arguments on rank "
-                       f"{rank}: every module they use must be importable on the workers "
-                       f"(same Python, working directory and sys.path as the caller).")
+        exc.add_note(f"[nbdist] while loading the job's function and arguments on rank "
+                     f"{rank}: every module they use must be importable on the workers "
+                     f"(same Python, working directory and sys.path as the caller).")
         raise
 
 

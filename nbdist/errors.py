@@ -95,8 +95,3 @@ class InitTimeoutError(JobTimeoutError):
 class LaunchError(NbdistError):
     """torchrun itself failed or was killed (not one of the workers)."""
 
-
-def add_note(exc: BaseException, note: str) -> None:
-    """``exc.add_note(note)`` where Python has it (3.11+); a no-op before."""
-    if hasattr(exc, "add_note"):
-        exc.add_note(note)

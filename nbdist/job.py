@@ -28,7 +28,7 @@ from pathlib import Path
 
 from nbdist import payload
 from nbdist.errors import (LaunchError, PicklingError, RemoteError, RemoteTraceback,
-                           WorkerCrashedError, add_note)
+                           WorkerCrashedError)
 from nbdist.jobdir import JobDir, base_dir, check_private, tail, write_json_atomic
 
 LOG_TAIL_LINES = 20
@@ -246,7 +246,7 @@ def diagnose(job: Job, launcher_exitcode: int | None) -> BaseException:
     else:
         exc = _crash_error(job, rank)
     if others:
-        add_note(exc, "[nbdist] also failed after it: " + "; ".join(
+        exc.add_note("[nbdist] also failed after it: " + "; ".join(
             f"rank {r} ({rec['type'].rsplit('.', 1)[-1] if rec else _describe_exit(job.ranks[r].exitcode)})"
             for _, _, r, rec in others))
     return exc
@@ -282,7 +282,7 @@ def rebuild_exception(record: dict, job: Job) -> BaseException:
         f"\n\nTraceback on {where}:\n\"\"\"\n{record['traceback']}\"\"\"")
     exc.nbdist_rank = rank  # type: ignore[attr-defined]
     exc.nbdist_traceback = record["traceback"]  # type: ignore[attr-defined]
-    add_note(exc, f"[nbdist] raised on {where}; logs in {job.dir}")
+    exc.add_note(f"[nbdist] raised on {where}; logs in {job.dir}")
     return exc
 
 

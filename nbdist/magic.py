@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from nbdist import api, payload, runtime
-from nbdist.errors import InvalidArgumentError, NbdistError, PicklingError, add_note
+from nbdist.errors import InvalidArgumentError, NbdistError, PicklingError
 
 MAGIC_NAMES = ("distributed", "nbdist")  # "distributed" alone clashes with other packages
 
@@ -102,9 +102,9 @@ def _run_cell(cell: Cell, captured: dict[str, Any]) -> payload.Outputs | None:
     except (AttributeError, NameError) as exc:
         skipped = [m for m in cell.not_imported if m not in sys.modules]
         if skipped:
-            add_note(exc, f"[nbdist] the notebook also imported {', '.join(skipped)}, which "
-                          f"the ranks did not: if the cell needs what they set up, import "
-                          f"them in the cell")
+            exc.add_note(f"[nbdist] the notebook also imported {', '.join(skipped)}, which "
+                         f"the ranks did not: if the cell needs what they set up, import "
+                         f"them in the cell")
         raise
     if not runtime.is_main():
         return None
@@ -402,8 +402,8 @@ def _prepare(shell, line: str, body: str, outputs: list[str] | None) -> Cell:
         compile_body(body, filename)
     except SyntaxError as exc:
         if re.search(r"(?m)^\s*[%!]", body):
-            add_note(exc, "[nbdist] the ranks run plain Python: IPython's %magics and "
-                          "!commands do not work inside a %%distributed cell")
+            exc.add_note("[nbdist] the ranks run plain Python: IPython's %magics and "
+                         "!commands do not work inside a %%distributed cell")
         exc.nbdist_cell = True  # type: ignore[attr-defined]
         raise
     if outputs is None:

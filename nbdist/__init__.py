@@ -29,8 +29,8 @@ _EXPORTS = {
     "is_main": "runtime", "device": "runtime", "barrier": "runtime",
     "rank0_first": "runtime", "track": "runtime", "report": "runtime",
 }
-_SUBMODULES = ("api", "channel", "display", "errors", "job", "jobdir", "launcher",
-               "magic", "payload", "runtime")
+_SUBMODULES = ("api", "cell", "channel", "display", "errors", "frameworks", "job",
+               "jobdir", "launcher", "magic", "payload", "runtime", "scope")
 
 __all__ = list(_EXPORTS)
 

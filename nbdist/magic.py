@@ -10,287 +10,45 @@
     state = model.module.state_dict()  # and ``state`` is in the notebook afterwards
 
 A thin layer on :func:`nbdist.run_distributed`; the function it ships is
-:func:`_run_cell`::
+:func:`nbdist.cell.run_cell`, and :mod:`nbdist.scope` says which names travel::
 
     kernel                                          every rank
     ──────                                          ──────────
     options → run_distributed's arguments
       (bad ones: UsageError, nothing started)
     the cell's names (ast): read / assigned
-    capture the notebook globals it reads  ─payload─▶ _run_cell: namespace = those globals
+    capture the notebook globals it reads  ─payload─▶ run_cell: namespace = those globals
                                                         + rank, device, track, ...
                                                       exec the cell as <nbdist-cell In[N]>
                                                       rank 0: the assigned names, on the
-                                                        CPU, each probed for pickling
+                                                        CPU, one file each
     names into the notebook, warn skipped  ◀─result─
     or the rank's exception, shown with the cell's own traceback
 
-This module is imported by ``import nbdist`` (for ``load_ipython_extension``) and by
-every rank (for ``_run_cell``), so it imports neither IPython nor torch at the top.
+Only the kernel imports this module (ranks import ``cell.py``); IPython is imported
+when the extension loads, not at the top.
 """
 
 from __future__ import annotations
 
 import ast
-import builtins
 import dataclasses
-import importlib
 import keyword
 import re
 import sys
 import types
-from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from nbdist import api, payload, runtime
+from nbdist.cell import HELPERS, PREDEFINED, RANK_VALUES, Cell, compile_body, run_cell
 from nbdist.errors import InvalidArgumentError, NbdistError, PicklingError
+from nbdist.scope import names_assigned, names_read
 
 MAGIC_NAMES = ("distributed", "nbdist")  # "distributed" alone clashes with other packages
-
-# Given to every rank's namespace, never sent back. The values are each rank's own and
-# win over the notebook's (the user is told); a notebook function of the same name as
-# a helper (fastai's rank0_first) wins over nbdist's.
-RANK_VALUES = ("rank", "local_rank", "world_size", "device")
-HELPERS = ("track", "report", "barrier", "is_main", "rank0_first")
-PREDEFINED = RANK_VALUES + HELPERS
 
 # _, __, ___, _i, _ii, _iii, _iN, _N, _ih, _oh, _dh: IPython's output/input history
 _IPYTHON_MANAGED = re.compile(r"_{1,3}|_i{1,3}|_i?\d+|_[iod]h")
 
-_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef,
-           ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
-_FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
-_TRIES = (ast.Try, getattr(ast, "TryStar", ast.Try))
-
-
-@dataclass(frozen=True)
-class Cell:
-    """What every rank needs to run the cell (travels in the payload)."""
-
-    body: str
-    filename: str  # "<nbdist-cell In[N]>": what tracebacks show
-    text: str  # the whole cell, magic line included, so line numbers match the notebook
-    outputs: tuple[str, ...]  # the names rank 0 sends back
-    explicit: bool = False  # outputs came from --out: a missing one is worth a warning
-    # modules the notebook imported, for their side effects (fastai.distributed patches
-    # Learner): those of the packages the cell's values come from are imported on the
-    # ranks first; the others are named if the cell then fails for want of an attribute
-    imports: tuple[str, ...] = ()
-    not_imported: tuple[str, ...] = ()
-
-    def compile(self):
-        return compile_body(self.body, self.filename)
-
-
-def compile_body(body: str, filename: str):
-    """Compile the cell's body with line numbers as the notebook shows them."""
-    # the leading newline stands for the magic line; dont_inherit keeps this
-    # module's ``from __future__`` flags out of the user's code
-    return compile("\n" + body, filename, "exec", dont_inherit=True)
-
-
-# --------------------------------------------------------------------- on every rank
-
-def _run_cell(cell: Cell, captured: dict[str, Any]) -> payload.Outputs | None:
-    """Run the cell in a fresh namespace; on rank 0, return what goes back."""
-    payload.register_source(cell.filename, cell.text.splitlines(True))
-    _import_notebook_modules(cell.imports)
-    namespace = {"__name__": "__main__", "__builtins__": builtins, **predefined(),
-                 **captured}
-    try:
-        exec(cell.compile(), namespace)
-    except (AttributeError, NameError) as exc:
-        skipped = [m for m in cell.not_imported if m not in sys.modules]
-        if skipped:
-            exc.add_note(f"[nbdist] the notebook also imported {', '.join(skipped)}, which "
-                         f"the ranks did not: if the cell needs what they set up, import "
-                         f"them in the cell")
-        raise
-    if not runtime.is_main():
-        return None
-    return _collect(namespace, cell)
-
-
-def _import_notebook_modules(modules: tuple[str, ...]) -> None:
-    failed = []
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except Exception as exc:  # an import can raise anything; the cell may not need it
-            failed.append(f"{module} ({type(exc).__name__}: {exc})")
-    if failed and runtime.is_main():
-        print(f"[nbdist] the notebook's imports {', '.join(failed)} failed on the ranks",
-              file=sys.stderr, flush=True)
-
-
-def predefined() -> dict[str, Any]:
-    """The names every rank's namespace starts with: values, not functions, for the
-    ranks and the device."""
-    return {
-        "rank": runtime.rank(), "local_rank": runtime.local_rank(),
-        "world_size": runtime.world_size(), "device": runtime.device(),
-        "track": runtime.track, "report": runtime.report, "barrier": runtime.barrier,
-        "is_main": runtime.is_main, "rank0_first": runtime.rank0_first,
-    }
-
-
-def _collect(namespace: dict[str, Any], cell: Cell) -> payload.Outputs:
-    """The output names' values; each travels on its own (see ``payload.Outputs``)."""
-    outputs = payload.Outputs()
-    for name in cell.outputs:
-        if name in namespace:
-            outputs.values[name] = namespace[name]
-        elif cell.explicit:
-            outputs.skipped[name] = "it is not defined on rank 0 after the cell"
-    return outputs
-
-
-# ------------------------------------------------------------ what a cell reads/binds
-
-@dataclass
-class _Uses:
-    reads: dict[str, None] = field(default_factory=dict)  # ordered sets
-    binds: dict[str, None] = field(default_factory=dict)
-    declared: set[str] = field(default_factory=set)  # global / nonlocal
-
-
-def names_read(source: str) -> list[str]:
-    """Names the cell may look up in the notebook: read before the cell binds them.
-
-    Errs on the side of reading more (a name bound in only one branch of an ``if``
-    still counts as read afterwards): shipping a value the cell overwrites costs a
-    little time; not shipping one it needs would be a NameError on every rank.
-    """
-    return list(_free_in_block(ast.parse(source).body, set()))
-
-
-def names_assigned(source: str) -> list[str]:
-    """Names the cell binds at its top level (``global`` ones in its functions too)."""
-    tree = ast.parse(source)
-    names = dict(_scan(tree.body).binds)
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Global):
-            names.update(dict.fromkeys(node.names))
-    return list(names)
-
-
-def _free_in_block(stmts: list[ast.stmt], bound: set[str]) -> dict[str, None]:
-    """Names ``stmts`` read that are not certainly bound by then; adds what they bind
-    for certain to ``bound``."""
-    free: dict[str, None] = {}
-
-    def read(uses: _Uses) -> None:
-        free.update((n, None) for n in uses.reads if n not in bound)
-
-    for stmt in stmts:
-        if isinstance(stmt, (ast.For, ast.AsyncFor)):
-            read(_scan([stmt.iter, stmt.target]))
-            inner = bound | set(_scan([stmt.target]).binds)
-            free.update(_free_in_block(stmt.body, set(inner)))
-            free.update(_free_in_block(stmt.orelse, set(inner)))
-        elif isinstance(stmt, (ast.With, ast.AsyncWith)):
-            items = _scan(stmt.items)
-            read(items)
-            bound |= set(items.binds)
-            # the body runs to its end or the cell fails: what it binds stays bound
-            free.update(_free_in_block(stmt.body, bound))
-        elif isinstance(stmt, (ast.If, ast.While)):
-            read(_scan([stmt.test]))
-            for block in (stmt.body, stmt.orelse):
-                free.update(_free_in_block(block, set(bound)))
-        elif isinstance(stmt, _TRIES):
-            for handler in stmt.handlers:
-                read(_scan([handler.type] if handler.type else []))
-            for block in (stmt.body, *(h.body for h in stmt.handlers), stmt.orelse,
-                          stmt.finalbody):
-                free.update(_free_in_block(block, set(bound)))
-        elif isinstance(stmt, ast.Match):
-            read(_scan([stmt.subject]))
-            for case in stmt.cases:
-                header = _scan([case.pattern] + ([case.guard] if case.guard else []))
-                read(header)
-                free.update(_free_in_block(case.body, bound | set(header.binds)))
-        else:
-            uses = _scan([stmt])
-            read(uses)
-            bound |= set(uses.binds)
-    return free
-
-
-def _scan(nodes: Iterable[ast.AST], uses: _Uses | None = None) -> _Uses:
-    """Names read and bound by ``nodes`` in their own scope. A nested scope (def,
-    lambda, class, comprehension) contributes the names it looks up outside itself."""
-    uses = uses if uses is not None else _Uses()
-    for node in nodes:
-        _visit(node, uses)
-    return uses
-
-
-def _visit(node: ast.AST, uses: _Uses) -> None:
-    if isinstance(node, _SCOPES):
-        _scan(_evaluated_outside(node), uses)
-        uses.reads.update(dict.fromkeys(_free_names(node)))
-        if hasattr(node, "name"):
-            uses.binds[node.name] = None
-        return
-    if isinstance(node, ast.Name):
-        (uses.binds if isinstance(node.ctx, ast.Store) else uses.reads)[node.id] = None
-    elif isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
-        uses.reads[node.target.id] = None  # x += 1 reads x first
-    elif isinstance(node, (ast.Global, ast.Nonlocal)):
-        uses.declared.update(node.names)
-    elif isinstance(node, (ast.Import, ast.ImportFrom)):
-        for alias in node.names:
-            if alias.name != "*":
-                uses.binds[alias.asname or alias.name.partition(".")[0]] = None
-    elif isinstance(node, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and node.name:
-        uses.binds[node.name] = None
-    elif isinstance(node, ast.MatchMapping) and node.rest:
-        uses.binds[node.rest] = None
-    for child in ast.iter_child_nodes(node):
-        _visit(child, uses)
-
-
-def _evaluated_outside(scope: ast.AST) -> list[ast.AST]:
-    """Parts of a scope's header that run in the enclosing scope (decorators, defaults)."""
-    if isinstance(scope, ast.ClassDef):
-        return [*scope.decorator_list, *scope.bases, *scope.keywords]
-    if isinstance(scope, _FUNCTIONS):
-        args = scope.args
-        parts = [*args.defaults, *(d for d in args.kw_defaults if d is not None)]
-        if not isinstance(scope, ast.Lambda):
-            every = [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg,
-                     args.kwarg]
-            parts += scope.decorator_list
-            parts += [a.annotation for a in every if a is not None and a.annotation]
-            parts += [scope.returns] if scope.returns else []
-        return parts
-    return [scope.generators[0].iter]  # a comprehension
-
-
-def _free_names(scope: ast.AST) -> list[str]:
-    """Names a nested scope looks up outside itself."""
-    inner = _Uses()
-    params: set[str] = set()
-    if isinstance(scope, _FUNCTIONS):
-        args = scope.args
-        params = {a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs,
-                                  args.vararg, args.kwarg) if a is not None}
-        _scan(scope.body if isinstance(scope.body, list) else [scope.body], inner)
-    elif isinstance(scope, ast.ClassDef):
-        _scan(scope.body, inner)
-        # a class body's own names are invisible to its methods; count them all as reads
-        return list(inner.reads)
-    else:
-        results = [scope.key, scope.value] if isinstance(scope, ast.DictComp) else [scope.elt]
-        gens = scope.generators
-        _scan([*results, *(g.target for g in gens), *(i for g in gens for i in g.ifs),
-               *(g.iter for g in gens[1:])], inner)
-    local = (params | set(inner.binds)) - inner.declared
-    return [name for name in inner.reads if name not in local]
-
-
-# ----------------------------------------------------------------------- in the kernel
 
 def load_ipython_extension(ipython) -> None:
     """``%load_ext nbdist``: register ``%%distributed`` and its alias ``%%nbdist``."""
@@ -376,7 +134,7 @@ def _job_options(args, usage: str) -> dict[str, Any]:
     shape = {"nprocs": args.nprocs, "gpus": args.gpus, "backend": args.backend,
              "timeout": args.timeout}
     try:
-        api.plan_job(_run_cell, init_timeout=api.DEFAULT_INIT_TIMEOUT, **shape)
+        api.plan_job(run_cell, init_timeout=api.DEFAULT_INIT_TIMEOUT, **shape)
     except InvalidArgumentError as exc:
         raise UsageError(f"{usage}%%distributed: {_as_options(str(exc))}") from None
     return {**shape, "display": "none" if args.quiet else "auto",
@@ -431,7 +189,7 @@ def _this_cell(shell) -> str:
 def _launch(shell, cell: Cell, captured: dict[str, Any], options: dict[str, Any]):
     """run_distributed, with its errors made to look like the cell's own."""
     try:
-        return api.run_distributed(_run_cell, cell, captured, **options)
+        return api.run_distributed(run_cell, cell, captured, **options)
     except PicklingError as exc:
         if not hasattr(exc, "nbdist_rank"):  # packing failed here: name the variable
             raise _unpicklable_global(captured, exc) from None

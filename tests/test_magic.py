@@ -20,7 +20,7 @@ from nbclient import NotebookClient
 from conftest import wait_gone
 from helpers import REPO, job_dirs, wait_for_ranks, worker_pids
 from kernel_util import Kernel, kernel_manager
-from nbdist.magic import names_assigned, names_read
+from nbdist.scope import names_assigned, names_read
 
 EXAMPLE = REPO / "examples" / "mnist_ddp.ipynb"
 
@@ -189,13 +189,14 @@ def test_globals_in_names_out_and_rank0_output(kernel):
         fragile = OnlyOnRanks()
         reported = report(loss=1.0)
         patched = widget.patched()
+        rank_modules = sorted(m for m in __import__("sys").modules if m.startswith("nbdist."))
         lock = threading.Lock()
     """), timeout=180)
     assert reply.status == "ok", reply
     assert "hello from rank 0" in reply.stdout
     assert "hello from rank 1" not in reply.stdout + reply.stderr
     assert ("[nbdist] from rank 0: nn, DDP, on_rank, p, total, ddp, trainer, t, seen, "
-            "reported, patched\n") in reply.stdout
+            "reported, patched, rank_modules\n") in reply.stdout
     assert re.search(r"'lock' did not come back: a lock cannot be pickled", reply.stderr)
     # one value that fails to load costs only itself, and is named
     assert re.search(r"'fragile' did not come back: the OnlyOnRanks was saved on the rank "
@@ -215,6 +216,9 @@ def test_globals_in_names_out_and_rank0_output(kernel):
     # DDP inside an object comes back unwrapped (it cannot load without a process group)
     assert kernel.value("type(trainer).__name__, type(trainer.model).__name__") == (
         "Holder", "Linear")
+    # a rank running a cell imports the rank side only, none of the caller's machinery
+    caller_side = {"nbdist.api", "nbdist.magic", "nbdist.launcher", "nbdist.display"}
+    assert not caller_side & set(kernel.value("rank_modules"))
     assert kernel.value("reported, patched, 'fragile' in globals()") == (
         "the notebook's report", "patched on the ranks too", False)
     assert kernel.value("t.device.type, t.tolist()") == ("cpu", [0.0, 0.0])

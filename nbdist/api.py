@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from nbdist import display as displays
-from nbdist import payload
+from nbdist import frameworks, payload
 from nbdist.channel import DONE, FAILED, JOINING, STARTING, ChannelReader, LogFollower
 from nbdist.errors import InitTimeoutError, InvalidArgumentError, JobTimeoutError
 from nbdist.job import Job, RankStatus, diagnose, prune_jobs, read_results
@@ -59,18 +59,44 @@ def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
                     display: str = "auto", all_ranks: bool = False, **kwargs: Any) -> Any:
     """Run ``fn(*args, **kwargs)`` on every rank of a torchrun job; return rank 0's value.
 
-    The default process group is initialised before ``fn`` runs (``nccl`` with GPUs,
-    else ``gloo``) and destroyed after. Example::
+    The default process group is initialised before ``fn`` runs and destroyed after;
+    the ranks start in this working directory with this ``sys.path``. Example::
 
-        def train(epochs):
+        def train(epochs, lr=0.1):
             model = DDP(Net())
             ...
             return model.module.state_dict()
 
-        state = nbdist.run_distributed(train, 3, nprocs=2)
+        state = nbdist.run_distributed(train, 3, lr=0.05, nprocs=2)
 
-    A worker's exception is re-raised here as its own type, with the rank's traceback
-    attached; see ``DESIGN.md`` for timeouts, crashes and interrupts.
+    Args:
+        fn: the function every rank runs (it may be defined in a notebook cell).
+        *args, **kwargs: its arguments, pickled once and memory-mapped by every rank.
+        nprocs: number of processes (default: one per visible GPU, else 2).
+        gpus: GPUs to use, one process each: a count (``2``) or device ids
+            (``"0,1"``, ``[0, 1]``); sets ``CUDA_VISIBLE_DEVICES`` for the ranks.
+        backend: process group backend (default ``"nccl"`` with GPUs, else ``"gloo"``).
+        timeout: seconds; past it every rank is killed and :class:`JobTimeoutError`
+            raised, naming the ranks still running and their last log lines.
+        init_timeout: seconds for every rank to join the process group
+            (:class:`InitTimeoutError` names those that did not).
+        env: extra environment variables for the ranks.
+        return_all: return a list of every rank's value, indexed by rank.
+        display: ``"auto"`` (widgets in a notebook, rich in a terminal, else plain),
+            ``"notebook"``, ``"terminal"``, ``"plain"`` or ``"none"``.
+        all_ranks: stream every rank's output, prefixed ``[rank N]`` (default: rank 0's).
+
+    Returns:
+        rank 0's return value (``return_all``: all of them), tensors on the CPU and
+        ``DistributedDataParallel`` unwrapped to its module, also inside objects.
+
+    Raises:
+        the rank's own exception type, with its traceback as ``__cause__`` and a note
+        naming the rank (:class:`RemoteError` if it cannot be rebuilt here);
+        :class:`WorkerCrashedError` for a rank killed by a signal or ``os._exit``;
+        :class:`JobTimeoutError`, :class:`InitTimeoutError`, :class:`LaunchError`;
+        :class:`InvalidArgumentError` and :class:`PicklingError` before anything
+        starts; ``KeyboardInterrupt`` after stopping every process of the job.
     """
     plan = plan_job(fn, nprocs=nprocs, gpus=gpus, backend=backend, timeout=timeout,
                     init_timeout=init_timeout)
@@ -102,6 +128,9 @@ def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
         raise
     finally:
         launch.kill()
+        for rank in job.ranks:  # a rank that had not finished was killed with the job
+            if rank.state not in ("pending", DONE, FAILED, "crashed", "killed"):
+                rank.state = "killed"
         # every rank is gone: the input is spent (a 1 GiB dataset passed in would
         # otherwise stay on disk for the next $NBDIST_KEEP_JOBS jobs)
         job_dir.payload.unlink(missing_ok=True)
@@ -264,7 +293,7 @@ def _write_spec(job_dir: JobDir, plan: Plan, return_all: bool) -> None:
 
 
 def _worker_env(plan: Plan, extra: dict[str, str] | None) -> dict[str, str]:
-    env = dict(os.environ)
+    env = {**frameworks.launch_env(plan.device), **os.environ}
     env.update({k: str(v) for k, v in (extra or {}).items()})
     env["PYTHONUNBUFFERED"] = "1"  # prints reach the log (and the notebook) at once
     # torchrun sets 1 anyway when unset, and prints a banner about it

@@ -2,9 +2,10 @@
 
 Opens a notebook that trains a small DDP model with ``%%distributed``, ``track`` and
 ``report``, runs it, checks what the page shows mid-run (a progress bar per rank, the
-loss chart, rank 0's printed lines) and after (the static summary that replaces the
-widgets), and takes a screenshot of the dashboard mid-run. With
-``NBDIST_UPDATE_SCREENSHOT=1`` the screenshot is written to ``docs/dashboard.png``.
+loss chart, rank 0's printed lines, the kernel busy) and after (the static summary
+that replaces the widgets; the kernel never shown idle while the cell ran), and takes
+a screenshot of the dashboard mid-run. With ``NBDIST_UPDATE_SCREENSHOT=1`` the
+screenshot is written to ``docs/dashboard.png``.
 
 Needs Debian's ``chromium`` (``apt-get install -y chromium``) and the ``jupyterlab``
 and ``playwright`` Python packages; skips, saying which is missing, without them.
@@ -178,6 +179,50 @@ DASHBOARD_LIVE = """() => {
     && out.innerText.includes('running') && out.innerText.includes('epoch 0: loss');
 }"""
 
+# from here on, record the kernel status JupyterLab shows, and the status messages of
+# each cell (by its execute request), with the page's clock in milliseconds
+WATCH_KERNEL = """() => {
+  const kernel = window.jupyterapp.shell.currentWidget.sessionContext.session.kernel;
+  const log = window.nbdistLog = {shown: [], cells: [], statuses: []};
+  kernel.statusChanged.connect((_, status) => log.shown.push([performance.now(), status]));
+  kernel.anyMessage.connect((_, args) => {
+    const msg = args.msg;
+    if (args.direction === 'send' && msg.header.msg_type === 'execute_request')
+      log.cells.push(msg.header.msg_id);
+    if (args.direction === 'recv' && msg.header.msg_type === 'status')
+      log.statuses.push([performance.now(), msg.parent_header.msg_id,
+                         msg.content.execution_state]);
+  });
+}"""
+
+SHOWN_STATUS = """() =>
+  window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status"""
+
+TRAIN_CELL_ENDED = """() => {
+  const log = window.nbdistLog;
+  return log.cells.length === 2 && log.statuses.some(
+    ([, parent, state]) => parent === log.cells[1] && state === 'idle');
+}"""
+
+
+def idle_while_running(log: dict) -> list[float]:
+    """How long (ms) JupyterLab showed the kernel idle while the training cell ran."""
+    train = log["cells"][1]
+    begin = next(t for t, parent, s in log["statuses"] if parent == train and s == "busy")
+    end = next(t for t, parent, s in log["statuses"] if parent == train and s == "idle")
+    periods, idle_since = [], None
+    for t, status in log["shown"]:
+        if status == "idle" and idle_since is None:
+            idle_since = t
+        elif status != "idle" and idle_since is not None:
+            if begin <= idle_since < end:
+                periods.append(t - idle_since)
+            idle_since = None
+    if idle_since is not None and begin <= idle_since < end:
+        periods.append(end - idle_since)
+    return periods
+
+
 DASHBOARD_DONE = """() => {
   const out = document.querySelectorAll('.jp-Cell')[1]?.querySelector('.jp-OutputArea');
   return !!out && !!out.querySelector('.nbdist-dashboard')
@@ -185,6 +230,7 @@ DASHBOARD_DONE = """() => {
 }"""
 
 
+@pytest.mark.slow
 def test_dashboard_in_jupyterlab_with_headless_chromium(lab, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -198,6 +244,7 @@ def test_dashboard_in_jupyterlab_with_headless_chromium(lab, tmp_path):
             page.set_default_timeout(60_000)  # no step may wait forever
             page.goto(f"{base}/lab/tree/dashboard.ipynb?token={token}")
             page.wait_for_function(KERNEL_IDLE, timeout=90_000, polling=250)
+            page.evaluate(WATCH_KERNEL)
             # fire and forget: the command's promise resolves only when the cells end
             page.evaluate("() => { const app = window.jupyterapp;"
                           " if (app.shell.collapseLeft) app.shell.collapseLeft();"
@@ -210,12 +257,19 @@ def test_dashboard_in_jupyterlab_with_headless_chromium(lab, tmp_path):
             text = cell.locator(".jp-OutputArea").inner_text()
             assert "rank 0" in text and "rank 1" in text and "epoch" in text
             assert "loss=" in text and "it/s" in text
+            mid_run_status = page.evaluate(SHOWN_STATUS)
 
             page.wait_for_function(DASHBOARD_DONE, timeout=90_000, polling=250)
             cell.screenshot(path=str(tmp_path / "final.png"))
             final = cell.locator(".jp-OutputArea").inner_text()
+            page.wait_for_function(TRAIN_CELL_ENDED, timeout=60_000, polling=250)
+            log = page.evaluate("() => window.nbdistLog")
         finally:
             browser.close()
+    # the widgets make JupyterLab ask the kernel for a subshell mid-cell: the kernel
+    # must still show busy until the cell ends (a blink of a few ms is not seen)
+    assert mid_run_status == "busy", log
+    assert max(idle_while_running(log), default=0.0) < 250, log
     assert final.count("done") >= 2 and "100%" in final
     assert "epoch 3: loss" in final
     assert "saving 100%" in final and "saving 50%" not in final  # \r redrew the line

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import queue
 import subprocess
 import sys
 import time
@@ -365,11 +366,20 @@ class Recorder:
 
     def __init__(self):
         self.shown: list[tuple[str, dict, str]] = []
+        self.calls: list[str] = []  # begin / show / update / end, in order
+
+    def begin(self):
+        self.calls.append("begin")
+
+    def end(self):
+        self.calls.append("end")
 
     def show(self, bundle, display_id):
+        self.calls.append("show")
         self.shown.append(("show", bundle, display_id))
 
     def update(self, bundle, display_id):
+        self.calls.append("update")
         self.shown.append(("update", bundle, display_id))
 
 
@@ -421,6 +431,31 @@ def test_notebook_dashboard_of_the_recorded_failure(tmp_path):
     assert row0.progress.comm is None and nb.box.comm is None  # widgets closed
 
 
+def test_notebook_live_bundle_has_a_fallback_for_a_notebook_saved_mid_run(tmp_path):
+    """Saved while the job runs, the output keeps only this bundle: after a reload the
+    widgets' models are gone, so the HTML and text must say something on their own."""
+    nb, clock, out, publisher = notebook()
+    job = make_job(tmp_path)
+    nb.start(job)
+    (kind, bundle, display_id), = publisher.shown
+    assert kind == "show"
+    assert set(bundle) == {"application/vnd.jupyter.widget-view+json", "text/html",
+                           "text/plain"}
+    html_, text = bundle["text/html"], bundle["text/plain"]
+    assert "<b>nbdist</b> job" in html_ and "nbdist job" in text
+    for shown in (html_, text):
+        assert job.id in shown and "running…" in shown and job.dir in shown
+        assert "the live view needs the kernel" in shown
+    assert "2 ranks" in html_ and "gloo" in html_
+    assert "<div" in html_ and "<script" not in html_
+    assert "nbdist-dashboard" not in html_  # that class marks the final dashboard
+    assert text.startswith(f"nbdist job {job.id} running")
+    # the frontend is warned before the first widget exists, and released at the end
+    assert publisher.calls == ["begin", "show"]
+    nb.stop(end(job, "succeeded", ["done", "done"], [0, 0]))
+    assert publisher.calls == ["begin", "show", "update", "end"]
+
+
 def test_notebook_success_shows_every_rank_done_at_100(tmp_path):
     nb, clock, out, publisher = notebook()
     nb.start(make_job(tmp_path))
@@ -450,6 +485,61 @@ def test_notebook_all_ranks_streams_prefixed_output(tmp_path):
     nb.output(1, "one")
     nb.stop(end(job, "succeeded", ["done", "done"], [0, 0]))
     assert out.getvalue() == "[rank 0] zero\n[rank 1] one\n"
+
+
+class FakeKernel:
+    """ipykernel's two methods that ``busy.py`` relies on, recording what goes to IOPub."""
+
+    def __init__(self, cell: str = "cell-1"):
+        self.parents = {"shell": {"header": {"msg_id": cell, "msg_type": "execute_request"}},
+                        "control": {}}
+        self.iopub: list[tuple[str, str]] = []  # (state, parent msg_id)
+
+    def get_parent(self, channel="shell"):
+        return self.parents[channel]
+
+    def _publish_status(self, status, channel, parent=None):
+        parent = parent or self.get_parent(channel)
+        self.iopub.append((status, parent["header"]["msg_id"]))
+
+    def control_request(self, msg_id: str) -> None:
+        """What ipykernel's control thread does for e.g. a create_subshell_request."""
+        self.parents["control"] = {"header": {"msg_id": msg_id}}
+        self._publish_status("busy", "control")
+        self._publish_status("idle", "control")
+
+
+def test_busy_hold_answers_foreign_idles_until_the_cell_ends(monkeypatch):
+    from nbdist.display import busy
+
+    kernel = FakeKernel()
+    busy.hold(kernel)
+    busy.hold(kernel)  # a second job in the same cell: still one hold
+    kernel.control_request("create-subshell")
+    assert kernel.iopub == [("busy", "create-subshell"), ("idle", "create-subshell"),
+                            ("busy", "cell-1")]  # the frontend's last word: busy
+    busy.release()
+    kernel.control_request("delete-subshell")  # the widgets' closing, within the drain
+    assert kernel.iopub[-1] == ("busy", "cell-1")
+    kernel._publish_status("idle", "shell")  # the cell's own end removes the hold
+    assert "_publish_status" not in kernel.__dict__
+    kernel.control_request("later")
+    assert kernel.iopub[-2:] == [("busy", "later"), ("idle", "later")]
+
+    # a hold whose cell never ends here (a job run from a thread) lapses after the drain
+    busy.hold(kernel)
+    busy.release()
+    monkeypatch.setattr(busy, "DRAIN_SECONDS", 0.0)
+    busy.release()  # idempotent: the first deadline stands...
+    kernel.control_request("within")
+    assert kernel.iopub[-1] == ("busy", "cell-1")
+    busy._current.deadline = time.monotonic() - 1  # ...until it passed
+    kernel.control_request("after")
+    assert kernel.iopub[-1] == ("idle", "after") and "_publish_status" not in kernel.__dict__
+
+    busy.hold(FakeKernel(cell=""))  # not inside a request: nothing to hold
+    busy.hold(object())  # not a kernel at all
+    assert busy._current is None
 
 
 # --- choosing and guarding ------------------------------------------------------------------
@@ -595,6 +685,7 @@ print("result", nbdist.run_distributed(train, nprocs=2))
 """
 
 
+@pytest.mark.slow
 def test_terminal_dashboard_on_a_real_tty(tmp_path):
     """stdout is a pseudo-terminal: auto picks rich; the final frame stays on screen."""
     import pty
@@ -674,19 +765,77 @@ def start_kernel(tmp_path):
     return km, kc
 
 
-def run_cell(kc, code: str, models: dict[str, dict], timeout: float = 120) -> list[dict]:
-    """Execute ``code``; return its output messages, folding widget state into ``models``."""
+# status messages JupyterLab does not let change the kernel status it shows (the
+# server's default ``untracked_message_types``, those of parents on the control channel)
+LAB_UNTRACKED = {"comm_info_request", "kernel_info_request", "shutdown_request",
+                 "interrupt_request", "debug_request"}
+
+
+class LabComms:
+    """Does what JupyterLab (commsOverSubshells="perCommTarget") does about comms: the
+    first comm of a target the kernel opens gets a subshell, asked for on the control
+    channel; closing its last comm deletes that subshell."""
+
+    def __init__(self, kc):
+        self.kc = kc
+        self.open: set[str] = set()
+        self.subshell: str | None = None
+        self.requested = False
+
+    def seen(self, kind: str, content: dict) -> None:
+        self._read_replies()
+        if kind == "comm_open":
+            self.open.add(content["comm_id"])
+            if not self.requested:
+                self.requested = True
+                self._send("create_subshell_request", {})
+        elif kind == "comm_close":
+            self.open.discard(content["comm_id"])
+            if not self.open and self.requested:
+                self._read_replies(wait=5.0)
+                self._send("delete_subshell_request", {"subshell_id": self.subshell})
+                self.requested, self.subshell = False, None
+
+    def _send(self, msg_type: str, content: dict) -> None:
+        self.kc.control_channel.send(self.kc.session.msg(msg_type, content))
+
+    def _read_replies(self, wait: float = 0.0) -> None:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                reply = self.kc.get_control_msg(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return
+            if reply["msg_type"] == "create_subshell_reply":
+                self.subshell = reply["content"]["subshell_id"]
+                return
+
+
+def run_cell(kc, code: str, models: dict[str, dict], timeout: float = 120, *,
+             lab: LabComms | None = None,
+             statuses: list[tuple[str, str, bool]] | None = None) -> list[dict]:
+    """Execute ``code``; return its output messages, folding widget state into ``models``.
+
+    ``statuses`` gets every status message until the cell's end: (execution state,
+    parent type, whether the parent is this cell); ``lab`` answers comms as Lab does.
+    """
     msg_id = kc.execute(code)
     outputs = []
     deadline = time.monotonic() + timeout
     while True:
         msg = kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
         kind, content = msg["msg_type"], msg["content"]
+        mine = msg["parent_header"].get("msg_id") == msg_id
+        if kind == "status" and statuses is not None:
+            statuses.append((content["execution_state"],
+                             msg["parent_header"].get("msg_type"), mine))
+        if lab is not None:
+            lab.seen(kind, content)
         if kind == "comm_open":
             models[content["comm_id"]] = dict(content["data"]["state"])
         elif kind == "comm_msg" and content["data"].get("method") == "update":
             models[content["comm_id"]].update(content["data"]["state"])
-        elif msg["parent_header"].get("msg_id") != msg_id:
+        elif not mine:
             continue
         elif kind == "status" and content["execution_state"] == "idle":
             return outputs
@@ -694,24 +843,35 @@ def run_cell(kc, code: str, models: dict[str, dict], timeout: float = 120) -> li
             outputs.append(msg)
 
 
+@pytest.mark.slow
 def test_real_kernel_magic_shows_every_rank_done_at_100(nbdist_home, tmp_path):
     """A ``%%distributed`` cell in an ipykernel: auto picks the widgets; read their state."""
     km, kc = start_kernel(tmp_path)
     models: dict[str, dict] = {}
+    statuses: list[tuple[str, str, bool]] = []
     try:
         setup = run_cell(kc, SETUP_CELL.format(home=nbdist_home), models)
         assert not [m for m in setup if m["msg_type"] == "error"], setup
-        outputs = run_cell(kc, TRAIN_CELL, models)
+        outputs = run_cell(kc, TRAIN_CELL, models, lab=LabComms(kc), statuses=statuses)
         check = run_cell(kc, "print(total)", models)
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=False)
+    # JupyterLab shows the kernel state of the last status message it tracks, whatever
+    # its parent: the kernel must look busy from the cell's start to its end, although
+    # the widgets made the frontend ask for a subshell on the control channel meanwhile
+    assert ("idle", "create_subshell_request", False) in statuses, statuses
+    start = statuses.index(("busy", "execute_request", True))
+    shown = [state for state, parent, _ in statuses[start:-1] if parent not in LAB_UNTRACKED]
+    for i, state in enumerate(shown):
+        assert state == "busy" or shown[i + 1:i + 2] == ["busy"], statuses
+    assert statuses[-1] == ("idle", "execute_request", True)
     by_kind: dict[str, list[dict]] = {}
     for msg in outputs:
         by_kind.setdefault(msg["msg_type"], []).append(msg["content"])
     assert "error" not in by_kind, by_kind.get("error")
     printed = [m["content"]["text"] for m in check if m["msg_type"] == "stream"]
-    assert printed == ["16\n"]  # the cell's result came back
+    assert "".join(printed) == "16\n"  # the cell's result came back (in one or two chunks)
 
     bars = [m for m in models.values() if m.get("_model_name") == "FloatProgressModel"]
     assert len(bars) == 2

@@ -1,14 +1,16 @@
 """The job dashboard as plain HTML and SVG strings (no widget library needed).
 
-Used live by ``notebook.py`` for the loss chart and the failure panel, and at the end
-for the static copy of the whole dashboard that replaces the widgets, so the saved
-notebook still shows the outcome where widget state is not saved (nbviewer, GitHub).
+Used live by ``notebook.py`` for the loss chart, the failure panel and the HTML that
+stands beside the live widgets, and at the end for the static copy of the whole
+dashboard that replaces the widgets, so the saved notebook still shows the outcome
+where widget state is not saved (nbviewer, GitHub).
 """
 
 from __future__ import annotations
 
 import html
 import math
+import time
 
 from nbdist.display.state import (LOG_SCALE_SPAN, JobView, RankView, describe_failure,
                                   format_duration, format_metrics, format_value,
@@ -182,6 +184,28 @@ def dashboard_html(view: JobView) -> str:
             if view.duration is not None else "")
     return (f'<div class="nbdist-dashboard" style="border:1px solid #ddd; padding:6px">'
             f'{header_html(view)}{table}{chart}{failures_html(view)}{logs}</div>')
+
+
+def live_fallback_text(view: JobView) -> str:
+    """What stands for the live widgets where they cannot be drawn."""
+    job = view.job
+    return (f"nbdist job {job.id} running… ({len(view.ranks)} ranks, {job.backend}, "
+            f"started {time.strftime('%H:%M:%S', time.localtime(job.started))}; the "
+            f"live view needs the kernel and ipywidgets; logs: {job.dir})")
+
+
+def live_fallback_html(view: JobView) -> str:
+    """The HTML beside the live widgets: shown by frontends without them, and kept in a
+    notebook saved mid-run, where the widgets' models are gone after a reload."""
+    job = view.job
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.started))
+    return (f'<div class="nbdist-live" style="border:1px solid #ddd; '
+            f'padding:6px"><div style="{MONO}"><b>nbdist</b> job <code>{esc(job.id)}'
+            f'</code> · <span style="color:{JOB_COLORS["running"]}; font-weight:600">'
+            f'running…</span> · {len(view.ranks)} ranks · {esc(job.backend)} · started '
+            f'{esc(started)}</div><div style="{MONO}; color:#666">the live view needs '
+            f'the kernel and ipywidgets; when the job ends the final dashboard replaces '
+            f'this. Logs: {esc(job.dir)}</div></div>')
 
 
 def dashboard_text(view: JobView) -> str:

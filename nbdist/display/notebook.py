@@ -10,9 +10,14 @@
 
 Rank 0's output goes to the cell's own output below the dashboard, as if printed
 there: the frontend redraws ``\\r`` progress lines (tqdm) in place, and the text is
-saved with the notebook, none of it lost. When the job ends, the widgets are
+saved with the notebook, none of it lost. While the job runs, the widgets' display
+also carries an HTML and a text line saying which job runs, for frontends without
+widgets and for a notebook saved mid-run. When the job ends, the widgets are
 replaced in place (same display id) by a static HTML copy of the final dashboard with
 a text summary, so a saved notebook shows the outcome without widget state.
+
+The kernel stays "busy" in JupyterLab for the whole job although the widgets make
+the frontend send control requests mid-cell: see ``busy.py``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import TYPE_CHECKING, Callable, Protocol, TextIO
 
 import ipywidgets as widgets
 
+from nbdist.display import busy
 from nbdist.display import html as h
 from nbdist.display.base import RENDER_INTERVAL, Display
 from nbdist.display.plain import PlainDisplay
@@ -38,14 +44,29 @@ CLOCK_INTERVAL = 1.0  # the elapsed time shows whole seconds
 
 
 class Publisher(Protocol):
-    """Where the dashboard is shown: IPython's display machinery, or a test's recorder."""
+    """Where the dashboard is shown: IPython's display machinery, or a test's recorder.
+
+    ``begin`` comes before the first widget is created, ``end`` after the last is
+    closed (or when the display is abandoned).
+    """
+
+    def begin(self) -> None: ...
 
     def show(self, bundle: dict, display_id: str) -> None: ...
 
     def update(self, bundle: dict, display_id: str) -> None: ...
 
+    def end(self) -> None: ...
+
 
 class IPythonPublisher:
+    def begin(self) -> None:
+        # opening widget comms makes JupyterLab show the kernel idle (see busy.py)
+        busy.hold()
+
+    def end(self) -> None:
+        busy.release()
+
     def show(self, bundle: dict, display_id: str) -> None:
         from IPython.display import display
 
@@ -118,6 +139,7 @@ class NotebookDisplay(Display):
     def start(self, job: "Job") -> None:
         streamed = set(range(job.nprocs)) if self.all_ranks else {0}
         self.view = JobView(job, streamed=streamed, clock=self._clock)
+        self._publisher.begin()
         self.header = widgets.HTML()
         self.rows = [RankRow.create(r.rank) for r in job.ranks]
         self.chart = widgets.HTML(layout=widgets.Layout(display="none"))
@@ -127,8 +149,10 @@ class NotebookDisplay(Display):
             layout=widgets.Layout(border="1px solid #ddd", padding="4px 8px", width="100%"))
         self._render()
         bundle = dict(self.box._repr_mimebundle_() or {})
-        # what frontends without widget support show while the job runs
-        bundle["text/plain"] = f"{self.view.summary()} (live view needs ipywidgets)"
+        # what a frontend without widgets shows while the job runs, and what a notebook
+        # saved mid-run shows once the widgets' models are gone (nbviewer, a reload)
+        bundle["text/html"] = h.live_fallback_html(self.view)
+        bundle["text/plain"] = h.live_fallback_text(self.view)
         self._publisher.show(bundle, self.display_id)
 
     def output(self, rank: int, text: str) -> None:
@@ -164,9 +188,12 @@ class NotebookDisplay(Display):
                                 "text/plain": h.dashboard_text(self.view)},
                                self.display_id)
         self._close_widgets()
+        self._publisher.end()
 
     def abandon(self) -> None:
         self._closed = True
+        if self.view is not None:
+            self._publisher.end()  # idempotent: stop() may have called it already
 
     # --- drawing ---------------------------------------------------------------------
     def _render(self, final: bool = False) -> None:

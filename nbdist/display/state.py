@@ -32,8 +32,9 @@ SERIES_MAX_KEYS = 8
 LOG_SCALE_SPAN = 30.0  # max / min of a positive series from which charts use a log scale
 
 # States after which a rank changes no more; "crashed" / "killed" come from the Job
-# record (torchrun's agent saw the exit), "stopped" is what a display shows for a
-# rank that was still running when the job ended (timeout, interrupt, a peer's death).
+# record (torchrun's agent saw the exit, or nbdist killed a rank that had not finished:
+# timeout, interrupt, a peer's death), "stopped" is what a display shows for a rank
+# the record leaves unfinished (one that never reported).
 FINAL_STATES = (DONE, FAILED, "crashed", "killed", "stopped")
 BAD_STATES = (FAILED, "crashed")
 

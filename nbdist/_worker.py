@@ -1,6 +1,8 @@
 """What every rank runs: load the payload, join the process group, call the function.
 
-Outcome of a rank, as the caller reads it back from the job directory:
+A cold job's rank serves one call and exits; a pool's rank joins once and serves one
+task after another (each in its own job folder), as loky's ``_process_worker`` does.
+Outcome of a rank, as the caller reads it back from the job (or task) directory:
 
 * success      → ``result-rank-N.pt`` (rank 0, or every rank with ``return_all``)
 * an exception → ``error-rank-N.pkl`` (the exception, its traceback, rank, time), exit 1
@@ -12,8 +14,10 @@ peers may be stuck in a collective, and torchrun's agent kills them when one ran
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
+import json
 import os
 import pickle
 import signal
@@ -22,7 +26,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 from nbdist import frameworks, payload, runtime
 from nbdist.channel import (DONE, FAILED, JOINING, READY, RUNNING, STARTING,
@@ -42,22 +46,117 @@ def main(job_dir: str) -> None:
     channel.status(STARTING, pid=os.getpid(), host=socket.gethostname())
     runtime._attach(channel)
     _start_watchdog(channel, caller=spec["caller_pid"])
-    try:
+    if spec.get("pool"):
+        _serve_pool(job, spec, rank, channel)
+    else:
+        _serve_one(job, spec, rank, channel)
+    _destroy_process_group()
+    channel.status(DONE)
+    channel.close()
+    # The interpreter's teardown garbage-collects torch's hundreds of thousands of
+    # objects (~0.7 s on a small machine) before torchrun sees this rank exit. Frozen
+    # objects are skipped; atexit handlers and module teardown still run as usual.
+    gc.freeze()
+
+
+def _serve_one(job: JobDir, spec: dict, rank: int, channel: ChannelWriter) -> None:
+    """A cold job: load the payload, join, run it once. A failure ends the process."""
+    def run() -> Any:
         fn, args, kwargs = _load_payload(job, rank)
         channel.status(JOINING)
-        _init_process_group(spec)
-        _accept_users_init()
-        frameworks.on_rank(spec)
+        _join(spec)
         channel.status(READY)
         channel.status(RUNNING)
-        result = fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    error = _run_and_record(job, rank, channel, run, save=rank == 0 or spec["return_all"])
+    if error is not None:
+        _exit_now(channel, 1, error=type(error).__name__)
+
+
+def _serve_pool(pool: JobDir, spec: dict, rank: int, channel: ChannelWriter) -> None:
+    """A pool's rank: join once, then run every task the caller posts until it says stop.
+
+    A task's files (payload, log, events, result, error) are in its own job folder; a
+    task that raises leaves the rank serving. The caller wakes the rank by writing to
+    its FIFO, so an idle rank sleeps in ``read`` and answers at once.
+    """
+    try:
+        channel.status(JOINING)
+        _join(spec)
+    except BaseException as exc:
+        _record_error(pool, rank, exc)
+        _exit_now(channel, 1, error=type(exc).__name__)
+    channel.status(READY)
+    wake = os.open(pool.wake(rank), os.O_RDWR)  # RDWR: open never blocks, read never EOFs
+    served = 0
+    while True:
+        try:
+            os.read(wake, 4096)
+            task = json.loads(pool.task.read_text())
+        except KeyboardInterrupt:
+            continue  # an interrupt for a task that had just ended
+        if task["seq"] <= served:
+            continue
+        served = task["seq"]
+        if task.get("stop"):
+            break
+        _run_task(JobDir(task["dir"]), rank, task["return_all"], channel)
+    os.close(wake)
+
+
+def _run_task(task: JobDir, rank: int, return_all: bool, pool_channel: ChannelWriter) -> None:
+    channel = ChannelWriter(task.events(rank))
+    runtime._attach(channel)
+    with _output_to(task.log(rank)):
+        channel.status(RUNNING, pid=os.getpid(), host=socket.gethostname())
+
+        def run() -> Any:
+            fn, args, kwargs = _load_payload(task, rank)
+            return fn(*args, **kwargs)
+
+        error = _run_and_record(task, rank, channel, run, save=rank == 0 or return_all)
+    # after the log is complete: the caller reads an outcome as "all output is there"
+    if error is None:
+        channel.status(DONE)
+    else:
+        channel.status(FAILED, error=type(error).__name__)
+    channel.close()
+    runtime._attach(pool_channel)
+
+
+@contextlib.contextmanager
+def _output_to(path) -> Any:
+    """Send this process's stdout and stderr (fds 1 and 2) to ``path`` meanwhile."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, old in zip((1, 2), saved):
+            os.dup2(old, fd)
+            os.close(old)
+
+
+def _run_and_record(job: JobDir, rank: int, channel: ChannelWriter,
+                    run: Callable[[], Any], *, save: bool) -> BaseException | None:
+    """Run the user's code; save its result, or record its exception and return it."""
+    try:
+        result = run()
         runtime.flush_metrics()
-        if rank == 0 or spec["return_all"]:
+        if save:
             _save_result(job, rank, result)
     except SystemExit as exc:
         if exc.code not in (0, None):
             _exit_now(channel, exc.code if isinstance(exc.code, int) else 1)
-        if rank == 0 or spec["return_all"]:
+        if save:
             _save_result(job, rank, None)
     except BaseException as exc:
         if isinstance(exc, EOFError):
@@ -66,14 +165,22 @@ def main(job_dir: str) -> None:
                          "the cell reads, or an argument of the function).")
         runtime.flush_metrics()  # the last values before the failure are worth seeing
         _record_error(job, rank, exc)
-        _exit_now(channel, 1, error=type(exc).__name__)
-    _destroy_process_group()
-    channel.status(DONE)
-    channel.close()
-    # The interpreter's teardown garbage-collects torch's hundreds of thousands of
-    # objects (~0.7 s on a small machine) before torchrun sees this rank exit. Frozen
-    # objects are skipped; atexit handlers and module teardown still run as usual.
-    gc.freeze()
+        return exc
+    return None
+
+
+def check_health() -> int:
+    """A pool's health check after a failed task: one all_reduce over every rank.
+
+    Returns the world size if the process group still works and its collectives are
+    in step; the caller gives it ~2 s.
+    """
+    import torch
+    import torch.distributed as dist
+
+    ones = torch.ones(1)
+    dist.all_reduce(ones)
+    return int(ones.item())
 
 
 def _load_payload(job: JobDir, rank: int) -> tuple:
@@ -91,6 +198,13 @@ def _load_payload(job: JobDir, rank: int) -> tuple:
                      f"{rank}: every module they use must be importable on the workers "
                      f"(same Python, working directory and sys.path as the caller).")
         raise
+
+
+def _join(spec: dict) -> None:
+    """Join the process group and make the user's and frameworks' code find it."""
+    _init_process_group(spec)
+    _accept_users_init()
+    frameworks.on_rank(spec)
 
 
 def _init_process_group(spec: dict) -> None:
@@ -161,7 +275,8 @@ def _record_error(job: JobDir, rank: int, exc: BaseException) -> None:
     import torch.distributed as dist
 
     frames = exc.__traceback__
-    if frames is not None and frames.tb_frame.f_code is main.__code__:
+    while frames is not None and frames.tb_next is not None and \
+            frames.tb_frame.f_code.co_filename == __file__:
         frames = frames.tb_next  # start the traceback in the user's code, not ours
     tb = "".join(traceback.format_exception(type(exc), exc, frames))
     if rank != 0:  # rank 0's log is streamed to the caller, which re-raises it anyway

@@ -8,7 +8,7 @@
       │   directory; torchrun starts once all is pickled, while tensor bytes are written
       ▼
     Launch (launcher.py): torchrun → every rank runs _worker.main (payload loaded)
-      │ _supervise: poll torchrun, stream rank logs and events to the display,
+      │ supervise: poll torchrun, stream rank logs and events to the display,
       │             enforce timeout / init_timeout, kill everything on interrupt
       ▼
     rank 0's result loaded from the job directory, or the root-cause exception raised
@@ -33,6 +33,7 @@ from nbdist.launcher import Launch, entry_script
 
 DEFAULT_INIT_TIMEOUT = 300.0
 POLL = 0.05  # seconds between looks at the job while it runs
+FIRST_POLL = 0.001  # the first looks, doubling up to POLL
 
 NOT_JOINED = ("pending", STARTING, JOINING)
 
@@ -108,9 +109,9 @@ def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
               ranks=[RankStatus(r, log=str(job_dir.log(r))) for r in range(plan.nprocs)])
     launch = _pack_and_launch(job_dir, fn, args, kwargs, plan, return_all, env)
     try:
-        _remember(job)
+        remember(job)
         view.start(job)
-        _supervise(launch, job, plan, view)
+        supervise(launch, job, view, timeout=plan.timeout, init_timeout=plan.init_timeout)
         if launch.poll() != 0:
             job.status = "failed"
             raise diagnose(job, launch.poll())
@@ -128,9 +129,7 @@ def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
         raise
     finally:
         launch.kill()
-        for rank in job.ranks:  # a rank that had not finished was killed with the job
-            if rank.state not in ("pending", DONE, FAILED, "crashed", "killed"):
-                rank.state = "killed"
+        job.mark_stopped()
         # every rank is gone: the input is spent (a 1 GiB dataset passed in would
         # otherwise stay on disk for the next $NBDIST_KEEP_JOBS jobs)
         job_dir.payload.unlink(missing_ok=True)
@@ -144,7 +143,7 @@ def last_job() -> Job | None:
     return _last_job
 
 
-def _remember(job: Job) -> None:
+def remember(job: Job) -> None:
     global _last_job
     _last_job = job
 
@@ -153,15 +152,31 @@ def plan_job(fn: Callable, *, nprocs: int | None, gpus: int | str | Sequence[int
              backend: str | None, timeout: float | None,
              init_timeout: float | None) -> Plan:
     """Check the arguments and decide the job's shape; raises before anything starts."""
+    check_callable(fn)
+    return plan_launch(nprocs=nprocs, gpus=gpus, backend=backend, timeout=timeout,
+                       init_timeout=init_timeout)
+
+
+def check_callable(fn: Any) -> None:
     if not callable(fn):
         raise InvalidArgumentError(
             f"run_distributed needs a function to run, got {type(fn).__name__} {fn!r}")
+
+
+def check_seconds(name: str, value: Any) -> None:
+    if value is not None and (not isinstance(value, (int, float)) or value <= 0):
+        raise InvalidArgumentError(f"{name} must be a positive number of seconds, "
+                                   f"got {value!r}")
+
+
+def plan_launch(*, nprocs: int | None, gpus: int | str | Sequence[int] | None,
+                backend: str | None, timeout: float | None,
+                init_timeout: float | None) -> Plan:
+    """The shape of a launch (a job or a pool), checked; raises before anything starts."""
     if nprocs is not None and (not isinstance(nprocs, int) or nprocs < 1):
         raise InvalidArgumentError(f"nprocs must be a positive integer, got {nprocs!r}")
-    for name, value in (("timeout", timeout), ("init_timeout", init_timeout)):
-        if value is not None and (not isinstance(value, (int, float)) or value <= 0):
-            raise InvalidArgumentError(f"{name} must be a positive number of seconds, "
-                                       f"got {value!r}")
+    check_seconds("timeout", timeout)
+    check_seconds("init_timeout", init_timeout)
     device_ids = _parse_gpus(gpus)
     if device_ids is None and nprocs is None and _cuda_count() > 0:
         device_ids = list(range(_cuda_count()))  # default: one rank per visible GPU
@@ -246,13 +261,13 @@ def _pack_and_launch(job_dir: JobDir, fn: Callable, args: tuple, kwargs: dict,
 
     def start() -> None:  # runs inside torch.save: an error here is not a pickling one
         try:
-            _write_spec(job_dir, plan, return_all)
-            started.append(Launch(job_dir, plan.nprocs, _worker_env(plan, env)))
+            write_spec(job_dir, plan, return_all)
+            started.append(Launch(job_dir, plan.nprocs, worker_env(plan, env)))
         except Exception as exc:
             failed.append(exc)
 
     try:
-        _write_payload(job_dir, fn, args, kwargs, on_pickled=start)
+        write_payload(job_dir, fn, args, kwargs, on_pickled=start)
         if failed:
             raise failed[0]
     except BaseException:
@@ -262,7 +277,7 @@ def _pack_and_launch(job_dir: JobDir, fn: Callable, args: tuple, kwargs: dict,
     return started[0]
 
 
-def _write_payload(job_dir: JobDir, fn: Callable, args: tuple, kwargs: dict, *,
+def write_payload(job_dir: JobDir, fn: Callable, args: tuple, kwargs: dict, *,
                    on_pickled: Callable[[], None]) -> None:
     """Pickle the function and its arguments into the job directory."""
     try:
@@ -281,18 +296,18 @@ def _write_payload(job_dir: JobDir, fn: Callable, args: tuple, kwargs: dict, *,
     payload.warn_if_large(size, "payload (function and arguments)")
 
 
-def _write_spec(job_dir: JobDir, plan: Plan, return_all: bool) -> None:
+def write_spec(job_dir: JobDir, plan: Plan, return_all: bool, **more: Any) -> None:
     """Everything else the ranks read: the job's shape and the entry script."""
     write_json_atomic(job_dir.spec, {
         "nprocs": plan.nprocs, "backend": plan.backend, "device": plan.device,
-        "return_all": return_all, "caller_pid": os.getpid(),
+        "return_all": return_all, "caller_pid": os.getpid(), **more,
     })
     cwd = os.getcwd()
     sys_path = [os.path.abspath(p) if p else cwd for p in sys.path]
     job_dir.entry.write_text(entry_script(job_dir, cwd=cwd, sys_path=sys_path))
 
 
-def _worker_env(plan: Plan, extra: dict[str, str] | None) -> dict[str, str]:
+def worker_env(plan: Plan, extra: dict[str, str] | None) -> dict[str, str]:
     env = {**frameworks.launch_env(plan.device), **os.environ}
     env.update({k: str(v) for k, v in (extra or {}).items()})
     env["PYTHONUNBUFFERED"] = "1"  # prints reach the log (and the notebook) at once
@@ -308,13 +323,20 @@ def _worker_env(plan: Plan, extra: dict[str, str] | None) -> dict[str, str]:
     return env
 
 
-def _supervise(launch: Launch, job: Job, plan: Plan, view: displays.Display) -> None:
-    """Follow the job until torchrun exits; raise on timeouts (after killing it)."""
-    job_dir = launch.job
-    events = ChannelReader({r: job_dir.events(r) for r in range(plan.nprocs)})
-    shown = range(plan.nprocs) if view.all_ranks else [0]
+def supervise(launch: Launch, job: Job, view: displays.Display, *,
+               timeout: float | None, init_timeout: float | None,
+               until: Callable[[], bool] | None = None) -> None:
+    """Follow ``job`` until torchrun exits or ``until()`` holds; raise on timeouts
+    (after killing everything).
+
+    ``job`` may be a pool's task: its folder has the task's events and logs.
+    """
+    job_dir = JobDir(job.dir)
+    events = ChannelReader({r: job_dir.events(r) for r in range(job.nprocs)})
+    shown = range(job.nprocs) if view.all_ranks else [0]
     logs = {r: LogFollower(job_dir.log(r)) for r in shown}
     started = time.monotonic()
+    interval = FIRST_POLL
 
     def pump(final: bool = False) -> None:
         for event in events.poll():
@@ -330,20 +352,25 @@ def _supervise(launch: Launch, job: Job, plan: Plan, view: displays.Display) -> 
         pump(final=exited)
         if exited:
             return
+        if until is not None and until():
+            pump(final=True)  # an outcome is written after the rank's last output
+            return
         view.tick()  # redraw the clock between events (the display throttles itself)
         elapsed = time.monotonic() - started
-        if plan.timeout is not None and elapsed > plan.timeout:
+        if timeout is not None and elapsed > timeout:
             launch.kill()
             pump(final=True)
             job.status = "timeout"
-            raise _timeout_error(job, plan.timeout)
-        if (plan.init_timeout is not None and elapsed > plan.init_timeout
+            raise _timeout_error(job, timeout)
+        if (init_timeout is not None and elapsed > init_timeout
                 and any(r.state in NOT_JOINED for r in job.ranks)):
             launch.kill()
             pump(final=True)
             job.status = "timeout"
-            raise _init_timeout_error(job, plan.init_timeout)
-        launch.wait(POLL)
+            raise _init_timeout_error(job, init_timeout)
+        # short naps at first: a pool's task is often over in milliseconds
+        launch.wait(interval)
+        interval = min(POLL, interval * 2)
 
 
 def _apply(event, job: Job, launch: Launch) -> None:

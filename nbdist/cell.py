@@ -28,6 +28,9 @@ RANK_VALUES = ("rank", "local_rank", "world_size", "device")
 HELPERS = ("track", "report", "barrier", "is_main", "rank0_first")
 PREDEFINED = RANK_VALUES + HELPERS
 
+# A pool rank's namespace kept from cell to cell (``--persist``).
+_kept: dict[str, Any] = {}
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -43,6 +46,7 @@ class Cell:
     # ranks first; the others are named if the cell then fails for want of an attribute
     imports: tuple[str, ...] = ()
     not_imported: tuple[str, ...] = ()
+    persist: bool = False  # a pool's: this rank's namespace lives on for the next cell
 
     def compile(self):
         return compile_body(self.body, self.filename)
@@ -59,8 +63,9 @@ def run_cell(cell: Cell, captured: dict[str, Any]) -> payload.Outputs | None:
     """Run the cell in a fresh namespace; on rank 0, return what goes back."""
     payload.register_source(cell.filename, cell.text.splitlines(True))
     _import_notebook_modules(cell.imports)
-    namespace = {"__name__": "__main__", "__builtins__": builtins, **predefined(),
-                 **captured}
+    namespace = _kept if cell.persist else {}
+    namespace.update({"__name__": "__main__", "__builtins__": builtins, **predefined(),
+                      **captured})
     try:
         exec(cell.compile(), namespace)
     except (AttributeError, NameError) as exc:

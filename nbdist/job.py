@@ -66,6 +66,13 @@ class Job:
     ranks: list[RankStatus] = field(default_factory=list)
     error: str | None = None  # one line: the exception the caller saw
     result_loaded: bool = False
+    pool: str | None = None  # the pool's id, for a task of a warm pool
+
+    def mark_stopped(self) -> None:
+        """Once its processes are gone: a rank that had not finished was killed."""
+        for rank in self.ranks:
+            if rank.state not in ("pending", "done", "failed", "crashed", "killed"):
+                rank.state = "killed"
 
     @property
     def duration(self) -> float:

@@ -14,6 +14,8 @@
         error-rank-N.pkl   rank N's exception record
         failures.json      per-rank exit codes as torchrun's agent saw them
         job.json           the final :class:`Job` record
+        task.json, wake-rank-N   a pool's: the task posted last, and the FIFO that
+                           wakes rank N for it (each task has a job folder of its own)
 
 Every file another process reads is written atomically (temp file, fsync, rename),
 so a reader sees either nothing or the whole file, never half of it.
@@ -84,15 +86,15 @@ def atomic_path(path: Path, *, durable: bool = True) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
+def write_bytes_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
+    with atomic_path(path, durable=durable) as tmp:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_bytes_atomic(path, json.dumps(obj, indent=1).encode())
+def write_json_atomic(path: Path, obj: Any, *, durable: bool = True) -> None:
+    write_bytes_atomic(path, json.dumps(obj, indent=1).encode(), durable=durable)
 
 
 _last_ms = 0  # the newest job id's millisecond in this process (JobDir.create)
@@ -145,6 +147,13 @@ class JobDir:
     @property
     def record(self) -> Path:
         return self.path / "job.json"
+
+    @property
+    def task(self) -> Path:
+        return self.path / "task.json"
+
+    def wake(self, rank: int) -> Path:
+        return self.path / f"wake-rank-{rank}"
 
     def log(self, rank: int) -> Path:
         return self.path / f"rank-{rank}.log"

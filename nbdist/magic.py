@@ -42,6 +42,7 @@ from typing import Any, Iterable
 from nbdist import api, payload, runtime
 from nbdist.cell import HELPERS, PREDEFINED, RANK_VALUES, Cell, compile_body, run_cell
 from nbdist.errors import InvalidArgumentError, NbdistError, PicklingError
+from nbdist.pool import Pool, check_options
 from nbdist.scope import names_assigned, names_read
 
 MAGIC_NAMES = ("distributed", "nbdist")  # "distributed" alone clashes with other packages
@@ -50,11 +51,81 @@ MAGIC_NAMES = ("distributed", "nbdist")  # "distributed" alone clashes with othe
 _IPYTHON_MANAGED = re.compile(r"_{1,3}|_i{1,3}|_i?\d+|_[iod]h")
 
 
+_pool: Pool | None = None  # this kernel's warm pool (%distributed start)
+
+
 def load_ipython_extension(ipython) -> None:
-    """``%load_ext nbdist``: register ``%%distributed`` and its alias ``%%nbdist``."""
+    """``%load_ext nbdist``: register ``%%distributed`` and its alias ``%%nbdist``, and
+    the line magic ``%distributed start|status|restart|stop`` for a warm pool."""
     magic = _make_magic(ipython)
+    pool_magic = _make_pool_magic()
     for name in MAGIC_NAMES:
         ipython.register_magic_function(magic, "cell", name)
+        ipython.register_magic_function(pool_magic, "line", name)
+
+
+def _make_pool_magic():
+    from IPython.core.error import UsageError
+    from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+    @magic_arguments("%distributed")
+    @argument("action", choices=("start", "status", "restart", "stop"))
+    @argument("--nprocs", type=int, metavar="N", help="number of ranks (start)")
+    @argument("--gpus", metavar="2|0,1", help="GPUs, one rank each (start)")
+    @argument("--backend", help="process group backend (start)")
+    @argument("--persist", action="store_true",
+              help="each rank keeps its cell namespace between cells (start)")
+    def distributed(line: str) -> None:
+        """A warm pool for this kernel: ``%%distributed`` cells then run on its ranks.
+
+        ``%distributed start --nprocs 2 [--persist]`` starts it, ``status`` says what it
+        holds, ``restart`` starts it anew (rank state is lost), ``stop`` ends it.
+        """
+        global _pool
+        usage = "usage: " + distributed.parser.format_usage().removeprefix("::\n\n  ")
+        try:
+            args = parse_argstring(distributed, line)
+        except (UsageError, ValueError) as exc:
+            raise UsageError(f"{usage}%distributed: {exc}") from None
+        shape = {"nprocs": args.nprocs, "gpus": args.gpus, "backend": args.backend}
+        if args.action == "start" and _pool is not None:
+            raise UsageError(f"%distributed start: a pool is already up ({_pool!r}); "
+                             f"use %distributed restart or stop")
+        if args.action in ("start", "restart"):
+            options = ({**_pool.options, "persist": _pool.persist}
+                       if args.action == "restart" and _pool is not None
+                       and not any(shape.values()) and not args.persist
+                       else {**shape, "persist": args.persist})
+            if _pool is not None:
+                _pool.close()
+                _pool = None
+            try:
+                _pool = Pool(**options)
+            except InvalidArgumentError as exc:
+                raise UsageError(f"{usage}%distributed: {_as_options(str(exc))}") from None
+            print(f"[nbdist] pool started: {_pool.nprocs} ranks, {_pool.plan.backend}"
+                  f"{', persist' if _pool.persist else ''}; %%distributed cells run on it")
+        elif args.action == "stop":
+            if _pool is not None:
+                _pool.close()
+                _pool = None
+            print("[nbdist] no pool: %%distributed cells run as cold jobs")
+        else:
+            print(_describe(_pool))
+
+    return distributed
+
+
+def _describe(pool: Pool | None) -> str:
+    if pool is None:
+        return "[nbdist] no pool (%distributed start --nprocs N starts one)"
+    status = pool.status()
+    ranks = ", ".join(f"rank {r['rank']} {r['state']} (pid {r['pid']})" for r in status["ranks"])
+    devices = status["device"] + (f" {status['visible_devices']}" if status["visible_devices"] else "")
+    return (f"[nbdist] pool {'up' if status['alive'] else 'down'}: {status['nprocs']} ranks "
+            f"on {devices}, {status['backend']}, {status['tasks']} tasks run, idle "
+            f"{status['idle_seconds']:g}s{', persist' if status['persist'] else ''}\n"
+            f"  {ranks}")
 
 
 def _make_magic(shell):
@@ -75,6 +146,8 @@ def _make_magic(shell):
     @argument("--all-ranks", action="store_true",
               help="stream every rank's output, prefixed [rank N] (default: rank 0's)")
     @argument("--quiet", action="store_true", help="no live output")
+    @argument("--fresh", action="store_true",
+              help="a cold job even while a pool is up (%%distributed start)")
     def distributed(line: str, cell: str) -> None:
         """Run this cell on every rank of a DDP job; the names it assigns come back.
 
@@ -109,13 +182,20 @@ def _make_magic(shell):
 def _run_magic(shell, args, line: str, body: str, *, usage: str) -> None:
     """The magic's work, once its options are parsed (``args``)."""
     options = _job_options(args, usage)
+    pool = _pool if not args.fresh else None
+    if pool is not None:
+        _check_pool_options(pool, options, usage)
     outputs = _parse_out(args.out, usage) if args.out is not None else None
     cell = _prepare(shell, line, body, outputs)
     reads = names_read(body)
-    captured = _capture(shell, reads)
+    kept = pool.kept_names if pool is not None and pool.persist else set()
+    captured = _capture(shell, [n for n in reads if n not in kept])  # the ranks' own win
     _say_shadowed(shell, reads)
-    cell = dataclasses.replace(cell, **_notebook_imports(shell, captured))
-    result = _launch(shell, cell, captured, options)
+    cell = dataclasses.replace(cell, persist=pool is not None and pool.persist,
+                               **_notebook_imports(shell, captured))
+    result = _launch(shell, cell, captured, options, pool)
+    if pool is not None and pool.persist and pool.alive:
+        pool.kept_names.update(names_assigned(body))
     if result is None:  # the cell called sys.exit() on rank 0
         return
     shell.user_ns.update(result.values)
@@ -186,9 +266,24 @@ def _this_cell(shell) -> str:
     return f"In[{shell.execution_count}]"
 
 
-def _launch(shell, cell: Cell, captured: dict[str, Any], options: dict[str, Any]):
-    """run_distributed, with its errors made to look like the cell's own."""
+def _check_pool_options(pool: Pool, options: dict[str, Any], usage: str) -> None:
+    from IPython.core.error import UsageError
+
     try:
+        check_options(pool, nprocs=options["nprocs"], gpus=options["gpus"],
+                      backend=options["backend"])
+    except InvalidArgumentError as exc:
+        raise UsageError(f"{usage}%%distributed: {exc}: add --fresh for a cold job of "
+                         f"that shape, or %distributed restart with those options") from None
+
+
+def _launch(shell, cell: Cell, captured: dict[str, Any], options: dict[str, Any],
+            pool: Pool | None = None):
+    """run_distributed (or the pool's run), with its errors made to look like the cell's."""
+    try:
+        if pool is not None:
+            task = {k: v for k, v in options.items() if k not in ("nprocs", "gpus", "backend")}
+            return pool.run(run_cell, cell, captured, **task)
         return api.run_distributed(run_cell, cell, captured, **options)
     except PicklingError as exc:
         if not hasattr(exc, "nbdist_rank"):  # packing failed here: name the variable
@@ -198,9 +293,10 @@ def _launch(shell, cell: Cell, captured: dict[str, Any], options: dict[str, Any]
     except KeyboardInterrupt as exc:
         job = api.last_job()
         logs = f" (logs in {job.dir})" if job is not None and job.status == "interrupted" else ""
+        notes = [n for n in getattr(exc, "__notes__", ()) if n.startswith("[nbdist]")]
         exc._render_traceback_ = _Rendered([
             f"KeyboardInterrupt: the %%distributed cell was interrupted; every rank was "
-            f"stopped{logs}"])
+            f"stopped{logs}", *notes])
         raise
     except BaseException as exc:
         if hasattr(exc, "nbdist_rank"):

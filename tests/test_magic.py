@@ -341,6 +341,7 @@ def test_interrupt_stops_every_rank_and_the_next_cell_works(kernel, nbdist_home)
     assert kernel.value("answer") == 42
 
 
+@pytest.mark.slow
 def test_example_notebook_runs_top_to_bottom(tmp_path):
     nb = nbformat.read(EXAMPLE, as_version=4)
     km = kernel_manager(tmp_path / "kernelspec")
@@ -357,3 +358,45 @@ def test_example_notebook_runs_top_to_bottom(tmp_path):
     assert "[nbdist] from rank 0: state, history" in text, text
     accuracy = float(re.search(r"test accuracy: ([0-9.]+)", text).group(1))
     assert accuracy > 0.9, text
+
+
+def test_a_warm_pool_keeps_rank_state_between_cells(kernel, nbdist_home):
+    kernel.run("for _name in ('shard', 'sums', 'where', 'again'):\n    globals().pop(_name, None)")
+    try:
+        out = kernel.run("%distributed start --nprocs 2 --persist").stdout
+        assert "pool started: 2 ranks, gloo, persist" in out
+        # load once: each rank keeps its own shard in its namespace
+        reply = kernel.execute(cell("distributed", """
+            shard = torch.arange(3) + 10 * rank
+            where = os.getpid()
+        """), timeout=180)
+        assert reply.status == "ok", reply
+        # the next cell uses the ranks' own `shard`, not rank 0's copy in the notebook
+        started = time.monotonic()
+        reply = kernel.execute(cell("distributed", """
+            total = shard.sum()
+            dist_sums = [torch.zeros((), dtype=total.dtype) for _ in range(world_size)]
+            torch.distributed.all_gather(dist_sums, total)
+            sums = [t.item() for t in dist_sums]
+            again = os.getpid() == where
+        """), timeout=60)
+        warm = time.monotonic() - started
+        assert reply.status == "ok", reply
+        assert kernel.value("sums, again") == ([3, 33], True)
+        assert warm < 5, warm  # a cell round trip in the kernel, no torchrun launch
+        status = kernel.run("%distributed status").stdout
+        assert re.search(r"pool up: 2 ranks on cpu, gloo, 2 tasks run, idle [\d.]+s, "
+                         r"persist\n  rank 0 idle \(pid \d+\), rank 1 idle", status), status
+
+        # options that contradict the pool are refused; --fresh runs a cold job
+        reply = kernel.execute(cell("distributed --nprocs 3", "x = 1"))
+        assert reply.status == "error" and "the pool has 2 ranks" in reply.stderr, reply
+        assert "--fresh" in reply.stderr
+        reply = kernel.execute(cell("distributed --fresh --nprocs 3", "ws = world_size"),
+                               timeout=180)
+        assert reply.status == "ok" and kernel.value("ws") == 3, reply
+        reply = kernel.execute("%distributed start")
+        assert "a pool is already up" in reply.stderr, reply
+    finally:
+        out = kernel.run("%distributed stop").stdout
+    assert "no pool" in out

@@ -1,0 +1,385 @@
+"""``nbdist.Pool``: ranks kept up between calls, the process group formed once.
+
+::
+
+    Pool(nprocs=2)        plan → pool folder (spec, entry, a FIFO per rank) → torchrun;
+      │                   the ranks join the process group, then sleep on their FIFO
+      ▼
+    pool.run(fn, *args)   a task: a job folder of its own with the payload; task.json
+      │                   and a byte in every rank's FIFO wake the ranks
+      ▼
+    every rank: load, call, result / error record, log and events in the task folder,
+      │         then "done" / "failed" (_worker._serve_pool)
+      ▼
+    api.supervise until every rank reported: rank 0's value, or the root cause.
+    After a failure, a health check (one all_reduce, ~2 s at most): the pool stays up
+    with its ranks' state, or it is torn down and the user is told.
+
+Pool lifetime and task lifetime are two things: the pool folder holds what lives as
+long as the ranks (torchrun's log, start-up output, exit codes), each task's folder
+what one call produced, so ``last_job()``, ``load_result()`` and the display work per
+task as for a cold job. What tears a pool down: a rank that crashes (torchrun then
+ends every rank), a collective still stuck after a peer failed, a timeout, an
+interrupt the ranks do not answer within ``INTERRUPT_GRACE``, ``close()``, the
+caller's exit or death. The next ``run`` starts a new pool.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import signal
+import time
+import weakref
+from typing import Any, Callable, Sequence
+
+from nbdist import api
+from nbdist import display as displays
+from nbdist.channel import DONE, FAILED, READY
+from nbdist.errors import InvalidArgumentError, NbdistError
+from nbdist.job import Job, RankStatus, diagnose, prune_jobs, read_results
+from nbdist.jobdir import JobDir, write_json_atomic
+from nbdist.launcher import Launch
+
+FAILURE_GRACE = 2.0  # seconds the other ranks get to finish once one rank failed
+INTERRUPT_GRACE = 2.0  # seconds the ranks get to answer SIGINT with KeyboardInterrupt
+HEALTH_TIMEOUT = 2.0  # seconds for the health check after a failed task
+CLOSE_GRACE = 2.0  # seconds the ranks get to leave politely on close()
+
+LOST = ("[nbdist] the pool was torn down: its ranks and everything they held are "
+        "gone; the next call starts a new pool")
+KEPT = "[nbdist] the pool is still up: its ranks and their state are kept"
+
+_open_pools: "weakref.WeakSet[Pool]" = weakref.WeakSet()
+
+
+class Pool:
+    """Ranks that stay up between calls: the second call runs in milliseconds.
+
+    ``run`` has the :func:`nbdist.run_distributed` contract (rank 0's value,
+    ``return_all``, ``timeout``, ``display``, the rank's own exception type)::
+
+        with nbdist.Pool(nprocs=2) as pool:
+            data = pool.run(load)           # start-up (3-4 s) is paid once
+            pool.run(train, epochs=3)       # then each call costs milliseconds
+
+    ``persist=True`` keeps each rank's ``%%distributed`` namespace between cells.
+    The pool dies with this process, on :meth:`close`, and when one of its ranks
+    crashes; the next :meth:`run` then starts a new one.
+    """
+
+    def __init__(self, nprocs: int | None = None, *,
+                 gpus: int | str | Sequence[int] | None = None, backend: str | None = None,
+                 env: dict[str, str] | None = None, persist: bool = False,
+                 init_timeout: float | None = api.DEFAULT_INIT_TIMEOUT):
+        self.plan = api.plan_launch(nprocs=nprocs, gpus=gpus, backend=backend,
+                                    timeout=None, init_timeout=init_timeout)
+        self.persist = persist
+        self.env = dict(env or {})
+        self.options = {"nprocs": nprocs, "gpus": gpus, "backend": backend}
+        self.tasks = 0  # tasks run on the current ranks
+        self.kept_names: set[str] = set()  # persist: names the ranks' namespaces hold
+        self._launch: Launch | None = None
+        self._dir: JobDir | None = None
+        self._ranks: Job | None = None  # the pool's own record: its ranks' pids and states
+        self._wake: list[int] = []
+        self._seq = 0
+        self._idle_since = time.monotonic()
+        _open_pools.add(self)
+        self._start()
+
+    # --- what the user calls ---------------------------------------------------------
+    @property
+    def nprocs(self) -> int:
+        return self.plan.nprocs
+
+    @property
+    def alive(self) -> bool:
+        return self._launch is not None and self._launch.poll() is None
+
+    def run(self, fn: Callable, *args: Any, timeout: float | None = None,
+            return_all: bool = False, display: str = "auto", all_ranks: bool = False,
+            **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` on every rank of the pool; return rank 0's value."""
+        api.check_callable(fn)
+        api.check_seconds("timeout", timeout)
+        view = displays.create(display, all_ranks=all_ranks)
+        if not self.alive:
+            self._restart_lost()
+        prune_jobs()
+        task, job = self._new_task(return_all)
+        api.write_payload(task, fn, args, kwargs, on_pickled=lambda: None)
+        api.remember(job)
+        try:
+            view.start(job)
+            self._wait_ready(view)
+            self._post(task, return_all)
+            return self._outcome(job, view, timeout)
+        except KeyboardInterrupt as exc:
+            job.status = "interrupted"
+            self._interrupted(job, exc)
+            raise
+        except BaseException as exc:
+            if job.status == "running":
+                job.status = "failed"
+            job.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            raise
+        finally:
+            task.payload.unlink(missing_ok=True)
+            job.mark_stopped()
+            job.ended = time.time()
+            job.save()
+            view.stop(job)
+            self._idle_since = time.monotonic()
+
+    def status(self) -> dict[str, Any]:
+        """What the pool holds: ranks (pid, state), device, tasks run, idle seconds."""
+        ranks = self._ranks.ranks if self._ranks is not None else []
+        return {
+            "alive": self.alive, "nprocs": self.nprocs, "backend": self.plan.backend,
+            "device": self.plan.device, "visible_devices": self.plan.visible_devices,
+            "persist": self.persist, "tasks": self.tasks,
+            "idle_seconds": round(time.monotonic() - self._idle_since, 1),
+            "ranks": [{"rank": r.rank, "pid": r.pid,
+                       "state": "idle" if r.state == READY and self.alive else r.state}
+                      for r in ranks],
+            "dir": str(self._dir.path) if self._dir is not None else None,
+        }
+
+    def close(self) -> None:
+        """Stop the ranks (politely, then by signal) and remove the pool's folder.
+
+        Idempotent; also called at interpreter exit.
+        """
+        if self._launch is None:
+            return
+        if self.alive:
+            with contextlib.suppress(OSError):
+                self._post(None, False, stop=True)
+            deadline = time.monotonic() + CLOSE_GRACE
+            while self._launch.poll() is None and time.monotonic() < deadline:
+                self._launch.wait(0.05)
+        self._stop()
+        if self._dir is not None:
+            shutil.rmtree(self._dir.path, ignore_errors=True)
+        self._dir = None
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "up" if self.alive else "down"
+        return (f"<nbdist.Pool {state} nprocs={self.nprocs} backend={self.plan.backend} "
+                f"tasks={self.tasks}{' persist' if self.persist else ''}>")
+
+    # --- the pool's lifetime ---------------------------------------------------------
+    def _start(self) -> None:
+        pool = JobDir.create()
+        api.write_spec(pool, self.plan, False, pool=True, persist=self.persist)
+        self._wake = []
+        for rank in range(self.nprocs):
+            os.mkfifo(pool.wake(rank), 0o600)
+            # read-write: opening never blocks, and the FIFO never reports EOF
+            self._wake.append(os.open(pool.wake(rank), os.O_RDWR | os.O_NONBLOCK))
+        self._dir = pool
+        self._ranks = Job(id=pool.id, dir=str(pool.path), nprocs=self.nprocs,
+                          backend=self.plan.backend,
+                          ranks=[RankStatus(r, log=str(pool.log(r)))
+                                 for r in range(self.nprocs)])
+        self._seq = 0
+        self.tasks = 0
+        self.kept_names = set()
+        self._launch = Launch(pool, self.nprocs, api.worker_env(self.plan, self.env))
+
+    def _restart_lost(self) -> None:
+        """The ranks are gone (a crash between calls): start new ones, and say so."""
+        if self._launch is not None:
+            import warnings
+
+            warnings.warn("nbdist: the pool's ranks had exited; starting a new pool (rank "
+                          "state is lost)", stacklevel=3)
+            self._stop()
+        self._start()
+
+    def _stop(self) -> None:
+        if self._launch is not None:
+            self._launch.kill()
+        for fd in self._wake:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._wake = []
+        self._launch = None
+
+    def _teardown(self, exc: BaseException) -> None:
+        """Kill a pool whose ranks can no longer be trusted; keep its folder for its logs."""
+        self._stop()
+        exc.add_note(LOST)
+        if self._ranks is not None and self._dir is not None:
+            self._ranks.status = "failed"
+            self._ranks.error = f"torn down: {type(exc).__name__}"
+            self._ranks.mark_stopped()
+            self._ranks.ended = time.time()
+            self._ranks.save()
+        self._dir = None
+
+    def _wait_ready(self, view: displays.Display) -> None:
+        """The first task waits for the ranks to join (the display shows them do it)."""
+        record = self._ranks
+        if all(r.state == READY for r in record.ranks):
+            return
+        try:
+            api.supervise(self._launch, record, view, timeout=None,
+                          init_timeout=self.plan.init_timeout,
+                          until=lambda: all(r.state == READY for r in record.ranks))
+        except NbdistError as exc:  # init timeout: everything is killed already
+            self._teardown(exc)
+            raise
+        if self._launch.poll() is not None:
+            exc = diagnose(record, self._launch.poll())
+            self._teardown(exc)
+            raise exc
+
+    # --- one task --------------------------------------------------------------------
+    def _new_task(self, return_all: bool) -> tuple[JobDir, Job]:
+        task = JobDir.create()
+        job = Job(id=task.id, dir=str(task.path), nprocs=self.nprocs,
+                  backend=self.plan.backend, return_all=return_all, pool=self._dir.id,
+                  ranks=[RankStatus(r, log=str(task.log(r))) for r in range(self.nprocs)])
+        return task, job
+
+    def _post(self, task: JobDir | None, return_all: bool, *, stop: bool = False) -> None:
+        self._seq += 1
+        write_json_atomic(self._dir.task, {
+            "seq": self._seq, "dir": str(task.path) if task else None,
+            "return_all": return_all, "stop": stop}, durable=False)
+        for fd in self._wake:
+            os.write(fd, b"\0")
+
+    def _outcome(self, job: Job, view: displays.Display, timeout: float | None) -> Any:
+        first_failure: list[float] = []
+
+        def over() -> bool:
+            """Every rank reported, or one failed FAILURE_GRACE ago and the others
+            still run (likely stuck waiting for it)."""
+            if _reported(job):
+                return True
+            if not first_failure and any(r.state == FAILED for r in job.ranks):
+                first_failure.append(time.monotonic())
+            return bool(first_failure) and time.monotonic() - first_failure[0] > FAILURE_GRACE
+
+        try:
+            api.supervise(self._launch, job, view, timeout=timeout, init_timeout=None,
+                          until=over)
+        except NbdistError as exc:  # a timeout: everything is killed already
+            self._teardown(exc)
+            raise
+        if self._launch.poll() is not None:  # a rank crashed: torchrun ended every rank
+            raise self._lost(job)
+        if not _reported(job):  # one failed, the others still run: ask them to stop
+            self._signal(signal.SIGINT)
+            self._wait_reported(job, view, INTERRUPT_GRACE)
+        self.tasks += 1
+        if all(r.state == DONE for r in job.ranks):
+            ranks = list(range(self.nprocs)) if job.return_all else [0]
+            values = read_results(JobDir(job.dir), ranks)
+            job.status = "succeeded"
+            job.result_loaded = True
+            return values if job.return_all else values[0]
+        job.status = "failed"
+        exc = diagnose(job, None)
+        if self._launch.poll() is not None:
+            raise self._lost(job)
+        if _reported(job) and self._healthy():
+            exc.add_note(KEPT)
+        else:
+            self._teardown(exc)
+        raise exc
+
+    def _lost(self, job: Job) -> BaseException:
+        """The error for a task whose ranks died with the pool (a crash, a kill)."""
+        job.status = "failed"
+        pool_failures = self._dir.failures
+        with contextlib.suppress(FileNotFoundError):  # the exit codes torchrun saw
+            shutil.copy(pool_failures, JobDir(job.dir).failures)
+        exc = diagnose(job, self._launch.poll())
+        self._teardown(exc)
+        return exc
+
+    def _interrupted(self, job: Job, exc: KeyboardInterrupt) -> None:
+        """Stop pressed: the ranks get a KeyboardInterrupt; those that do not answer
+        within ``INTERRUPT_GRACE`` (stuck in C++, a collective) cost the pool."""
+        if not self.alive:
+            return
+        if not all(r.state == READY for r in self._ranks.ranks):  # still starting
+            self._teardown(exc)
+            return
+        self._signal(signal.SIGINT)
+        try:
+            answered = self._wait_reported(job, displays.create("none"), INTERRUPT_GRACE)
+        except KeyboardInterrupt:
+            answered = False
+        if answered and self._healthy():
+            exc.add_note("[nbdist] every rank stopped its task; " + KEPT[9:])
+        else:
+            self._teardown(exc)
+
+    def _wait_reported(self, job: Job, view: displays.Display, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        api.supervise(self._launch, job, view, timeout=None, init_timeout=None,
+                      until=lambda: _reported(job) or time.monotonic() > deadline)
+        return _reported(job) and self._launch.poll() is None
+
+    def _healthy(self) -> bool:
+        """After a failed task: do the ranks still form a working process group?"""
+        from nbdist._worker import check_health
+
+        task, job = self._new_task(False)
+        try:
+            api.write_payload(task, check_health, (), {}, on_pickled=lambda: None)
+            self._post(task, False)
+            api.supervise(self._launch, job, displays.create("none"),
+                          timeout=HEALTH_TIMEOUT, init_timeout=None,
+                          until=lambda: _reported(job))
+            if self._launch.poll() is not None or not all(r.state == DONE for r in job.ranks):
+                return False
+            return read_results(task, [0])[0] == self.nprocs
+        except NbdistError:  # the health check timed out: everything is killed
+            return False
+        finally:
+            shutil.rmtree(task.path, ignore_errors=True)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        for status in self._ranks.ranks:
+            if status.pid is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(status.pid, sig)
+
+
+def _reported(job: Job) -> bool:
+    """Every rank of the task reported its outcome."""
+    return all(r.state in (DONE, FAILED) for r in job.ranks)
+
+
+def check_options(pool: Pool, *, nprocs: int | None, gpus: Any, backend: str | None) -> None:
+    """Raise if a call asks for another shape than the pool has."""
+    asked = api.plan_launch(nprocs=nprocs if nprocs is not None else pool.nprocs,
+                            gpus=gpus, backend=backend or pool.plan.backend,
+                            timeout=None, init_timeout=None)
+    have = pool.plan
+    if (asked.nprocs, asked.device, asked.backend) != (have.nprocs, have.device, have.backend) \
+            or (gpus is not None and asked.visible_devices != have.visible_devices):
+        raise InvalidArgumentError(
+            f"the pool has {have.nprocs} ranks on {have.device} ({have.backend}); this "
+            f"asks for {asked.nprocs} on {asked.device} ({asked.backend})")
+
+
+@atexit.register
+def _close_all() -> None:
+    for pool in list(_open_pools):
+        with contextlib.suppress(Exception):
+            pool.close()

@@ -30,7 +30,8 @@ _EXPORTS = {
     "rank0_first": "runtime", "track": "runtime", "report": "runtime",
 }
 _SUBMODULES = ("api", "cell", "channel", "display", "errors", "frameworks", "job",
-               "jobdir", "launcher", "magic", "payload", "pool", "runtime", "scope")
+               "jobdir", "launcher", "magic", "payload", "pool", "runtime", "scope",
+               "states")
 
 __all__ = list(_EXPORTS)
 

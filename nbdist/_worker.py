@@ -29,9 +29,9 @@ import traceback
 from typing import Any, Callable
 
 from nbdist import frameworks, payload, runtime
-from nbdist.channel import (DONE, FAILED, JOINING, READY, RUNNING, STARTING,
-                            ChannelWriter)
+from nbdist.channel import ChannelWriter
 from nbdist.jobdir import JobDir, check_private, write_bytes_atomic
+from nbdist.states import EventKind, RankState
 
 HEARTBEAT = 5.0
 WATCH_INTERVAL = 0.5
@@ -43,7 +43,7 @@ def main(job_dir: str) -> None:
     spec = job.read_spec()
     rank = int(os.environ["RANK"])
     channel = ChannelWriter(job.events(rank))
-    channel.status(STARTING, pid=os.getpid(), host=socket.gethostname())
+    channel.status(RankState.STARTING, pid=os.getpid(), host=socket.gethostname())
     runtime._attach(channel)
     _start_watchdog(channel, caller=spec["caller_pid"])
     if spec.get("pool"):
@@ -51,7 +51,7 @@ def main(job_dir: str) -> None:
     else:
         _serve_one(job, spec, rank, channel)
     _destroy_process_group()
-    channel.status(DONE)
+    channel.status(RankState.DONE)
     channel.close()
     # The interpreter's teardown garbage-collects torch's hundreds of thousands of
     # objects (~0.7 s on a small machine) before torchrun sees this rank exit. Frozen
@@ -63,10 +63,10 @@ def _serve_one(job: JobDir, spec: dict, rank: int, channel: ChannelWriter) -> No
     """A cold job: load the payload, join, run it once. A failure ends the process."""
     def run() -> Any:
         fn, args, kwargs = _load_payload(job, rank)
-        channel.status(JOINING)
+        channel.status(RankState.JOINING)
         _join(spec)
-        channel.status(READY)
-        channel.status(RUNNING)
+        channel.status(RankState.READY)
+        channel.status(RankState.RUNNING)
         return fn(*args, **kwargs)
 
     error = _run_and_record(job, rank, channel, run, save=rank == 0 or spec["return_all"])
@@ -82,12 +82,12 @@ def _serve_pool(pool: JobDir, spec: dict, rank: int, channel: ChannelWriter) -> 
     its FIFO, so an idle rank sleeps in ``read`` and answers at once.
     """
     try:
-        channel.status(JOINING)
+        channel.status(RankState.JOINING)
         _join(spec)
     except BaseException as exc:
         _record_error(pool, rank, exc)
         _exit_now(channel, 1, error=type(exc).__name__)
-    channel.status(READY)
+    channel.status(RankState.READY)
     wake = os.open(pool.wake(rank), os.O_RDWR)  # RDWR: open never blocks, read never EOFs
     served = 0
     while True:
@@ -109,7 +109,7 @@ def _run_task(task: JobDir, rank: int, return_all: bool, pool_channel: ChannelWr
     channel = ChannelWriter(task.events(rank))
     runtime._attach(channel)
     with _output_to(task.log(rank)):
-        channel.status(RUNNING, pid=os.getpid(), host=socket.gethostname())
+        channel.status(RankState.RUNNING, pid=os.getpid(), host=socket.gethostname())
 
         def run() -> Any:
             fn, args, kwargs = _load_payload(task, rank)
@@ -118,9 +118,9 @@ def _run_task(task: JobDir, rank: int, return_all: bool, pool_channel: ChannelWr
         error = _run_and_record(task, rank, channel, run, save=rank == 0 or return_all)
     # after the log is complete: the caller reads an outcome as "all output is there"
     if error is None:
-        channel.status(DONE)
+        channel.status(RankState.DONE)
     else:
-        channel.status(FAILED, error=type(error).__name__)
+        channel.status(RankState.FAILED, error=type(error).__name__)
     channel.close()
     runtime._attach(pool_channel)
 
@@ -303,7 +303,7 @@ def _record_error(job: JobDir, rank: int, exc: BaseException) -> None:
 
 
 def _exit_now(channel: ChannelWriter, code: int, **data: Any) -> None:
-    channel.status(FAILED, exitcode=code, **data)
+    channel.status(RankState.FAILED, exitcode=code, **data)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -318,7 +318,7 @@ def _start_watchdog(channel: ChannelWriter, caller: int) -> None:
         while os.getppid() == agent and _pid_alive(caller):
             time.sleep(WATCH_INTERVAL)
             if time.monotonic() - last_beat >= HEARTBEAT:
-                channel.emit("heartbeat")
+                channel.emit(EventKind.HEARTBEAT)
                 last_beat = time.monotonic()
         os.killpg(0, signal.SIGKILL)  # this rank and any dataloader workers it forked
 

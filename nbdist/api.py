@@ -25,17 +25,17 @@ from typing import Any, Callable, Sequence
 
 from nbdist import display as displays
 from nbdist import frameworks, payload
-from nbdist.channel import DONE, FAILED, JOINING, STARTING, ChannelReader, LogFollower
+from nbdist.channel import ChannelReader, LogFollower
 from nbdist.errors import InitTimeoutError, InvalidArgumentError, JobTimeoutError
 from nbdist.job import Job, RankStatus, diagnose, prune_jobs, read_results
 from nbdist.jobdir import JobDir, tail, write_json_atomic
 from nbdist.launcher import Launch, entry_script
+from nbdist.states import NOT_JOINED, REPORTED, EventKind, JobState, RankState
 
 DEFAULT_INIT_TIMEOUT = 300.0
 POLL = 0.05  # seconds between looks at the job while it runs
 FIRST_POLL = 0.001  # the first looks, doubling up to POLL
 
-NOT_JOINED = ("pending", STARTING, JOINING)
 
 _last_job: Job | None = None
 
@@ -113,18 +113,18 @@ def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
         view.start(job)
         supervise(launch, job, view, timeout=plan.timeout, init_timeout=plan.init_timeout)
         if launch.poll() != 0:
-            job.status = "failed"
+            job.status = JobState.FAILED
             raise diagnose(job, launch.poll())
         values = read_results(job_dir, list(range(plan.nprocs)) if return_all else [0])
-        job.status = "succeeded"
+        job.status = JobState.SUCCEEDED
         job.result_loaded = True
         return values if return_all else values[0]
     except KeyboardInterrupt:
-        job.status = "interrupted"
+        job.status = JobState.INTERRUPTED
         raise
     except BaseException as exc:
-        if job.status == "running":
-            job.status = "failed"
+        if job.status == JobState.RUNNING:
+            job.status = JobState.FAILED
         job.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
         raise
     finally:
@@ -360,13 +360,13 @@ def supervise(launch: Launch, job: Job, view: displays.Display, *,
         if timeout is not None and elapsed > timeout:
             launch.kill()
             pump(final=True)
-            job.status = "timeout"
+            job.status = JobState.TIMEOUT
             raise _timeout_error(job, timeout)
         if (init_timeout is not None and elapsed > init_timeout
                 and any(r.state in NOT_JOINED for r in job.ranks)):
             launch.kill()
             pump(final=True)
-            job.status = "timeout"
+            job.status = JobState.TIMEOUT
             raise _init_timeout_error(job, init_timeout)
         # short naps at first: a pool's task is often over in milliseconds
         launch.wait(interval)
@@ -374,17 +374,17 @@ def supervise(launch: Launch, job: Job, view: displays.Display, *,
 
 
 def _apply(event, job: Job, launch: Launch) -> None:
-    if event.kind != "status":
+    if event.kind != EventKind.STATUS:
         return
     status = job.ranks[event.rank]
-    status.state = event.data["state"]
+    status.state = RankState(event.data["state"])
     if "pid" in event.data:
         status.pid = event.data["pid"]
         status.host = event.data.get("host")
         launch.worker_pids[event.rank] = status.pid
     if "exitcode" in event.data:
         status.exitcode = event.data["exitcode"]
-    if status.state == DONE:
+    if status.state == RankState.DONE:
         status.exitcode = 0
 
 
@@ -396,7 +396,7 @@ def _last_lines(job: Job, ranks: list[int]) -> str:
 
 
 def _timeout_error(job: Job, timeout: float) -> JobTimeoutError:
-    running = [r.rank for r in job.ranks if r.state not in (DONE, FAILED)]
+    running = [r.rank for r in job.ranks if r.state not in REPORTED]
     lines = _last_lines(job, running)
     return JobTimeoutError(
         f"job {job.id} ran past timeout={timeout:g}s and was killed; ranks still "
@@ -406,7 +406,7 @@ def _timeout_error(job: Job, timeout: float) -> JobTimeoutError:
 
 def _init_timeout_error(job: Job, timeout: float) -> InitTimeoutError:
     # the ranks that never reached init_process_group, else those stuck inside it
-    missing = ([r.rank for r in job.ranks if r.state in ("pending", STARTING)]
+    missing = ([r.rank for r in job.ranks if r.state in NOT_JOINED[:2]]
                or [r.rank for r in job.ranks if r.state in NOT_JOINED])
     joined = [r.rank for r in job.ranks if r.rank not in missing]
     lines = _last_lines(job, missing)

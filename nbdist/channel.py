@@ -20,16 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Rank states, in the order a healthy rank goes through them: started, payload loaded
-# and waiting in init_process_group, process group formed, running fn, finished.
-STARTING, JOINING, READY, RUNNING = "starting", "joining", "ready", "running"
-DONE, FAILED = "done", "failed"
+from nbdist.states import EventKind, RankState
+
 
 
 @dataclass
 class Event:
     rank: int
-    kind: str  # "status" | "progress" | "metrics" | "heartbeat"
+    kind: EventKind
     time: float
     data: dict[str, Any] = field(default_factory=dict)
 
@@ -45,8 +43,8 @@ class ChannelWriter:
                           default=_jsonable) + "\n"
         os.write(self._fd, line.encode())
 
-    def status(self, state: str, **data: Any) -> None:
-        self.emit("status", state=state, **data)
+    def status(self, state: RankState, **data: Any) -> None:
+        self.emit(EventKind.STATUS, state=state, **data)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -87,7 +85,11 @@ class ChannelReader:
                     obj = json.loads(line)
                 except ValueError:
                     continue
-                events.append(Event(rank, obj.pop("kind"), obj.pop("time"), obj))
+                try:
+                    kind = EventKind(obj.pop("kind"))
+                except (KeyError, ValueError):
+                    continue  # not an event of this version
+                events.append(Event(rank, kind, obj.pop("time"), obj))
         # interleave ranks by time, but never reorder one rank's events: its clock may
         # step backwards (NTP), its file order may not
         return list(heapq.merge(*per_rank, key=lambda e: e.time))

@@ -30,6 +30,7 @@ from nbdist import payload
 from nbdist.errors import (LaunchError, PicklingError, RemoteError, RemoteTraceback,
                            WorkerCrashedError)
 from nbdist.jobdir import JobDir, base_dir, check_private, tail, write_json_atomic
+from nbdist.states import FINAL, JobState, RankState
 
 LOG_TAIL_LINES = 20
 ENV_KEEP = "NBDIST_KEEP_JOBS"
@@ -40,7 +41,7 @@ STALE_UNFINISHED = 7 * 24 * 3600  # a folder without job.json this old is a dead
 @dataclass
 class RankStatus:
     rank: int
-    state: str = "pending"  # channel states, then "crashed" / "killed"
+    state: RankState = RankState.PENDING
     pid: int | None = None
     host: str | None = None
     exitcode: int | None = None
@@ -60,7 +61,7 @@ class Job:
     nprocs: int
     backend: str
     return_all: bool = False
-    status: str = "running"  # running | succeeded | failed | timeout | interrupted
+    status: JobState = JobState.RUNNING
     started: float = field(default_factory=time.time)
     ended: float | None = None
     ranks: list[RankStatus] = field(default_factory=list)
@@ -71,8 +72,8 @@ class Job:
     def mark_stopped(self) -> None:
         """Once its processes are gone: a rank that had not finished was killed."""
         for rank in self.ranks:
-            if rank.state not in ("pending", "done", "failed", "crashed", "killed"):
-                rank.state = "killed"
+            if rank.state not in (RankState.PENDING, *FINAL):
+                rank.state = RankState.KILLED
 
     @property
     def duration(self) -> float:
@@ -89,7 +90,9 @@ class Job:
     @classmethod
     def load(cls, job_dir: str | os.PathLike) -> "Job":
         data = json.loads(JobDir(job_dir).record.read_text())
-        data["ranks"] = [RankStatus(**r) for r in data["ranks"]]
+        data["status"] = JobState(data["status"])
+        data["ranks"] = [RankStatus(**{**r, "state": RankState(r["state"])})
+                         for r in data["ranks"]]
         return cls(**data)
 
     def __repr__(self) -> str:
@@ -131,7 +134,7 @@ def prune_jobs(keep: int | None = None) -> list[str]:
                 record = Job.load(path)
             except (ValueError, TypeError, KeyError):
                 record = None
-            unloaded = (record is not None and record.status == "succeeded"
+            unloaded = (record is not None and record.status == JobState.SUCCEEDED
                         and not record.result_loaded)
             if unloaded:
                 continue
@@ -237,7 +240,7 @@ def diagnose(job: Job, launcher_exitcode: int | None) -> BaseException:
         elif status.rank in failures:
             failure = failures[status.rank]
             torn_down = failure["exitcode"] == -signal.SIGTERM
-            status.state = "killed" if torn_down else "crashed"
+            status.state = RankState.KILLED if torn_down else RankState.CRASHED
             # the agent's timestamp is whole seconds; assume mid-second
             suspects.append((3 if torn_down else 1, failure["timestamp"] + 0.5,
                              status.rank, None))

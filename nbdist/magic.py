@@ -44,6 +44,7 @@ from nbdist.cell import HELPERS, PREDEFINED, RANK_VALUES, Cell, compile_body, ru
 from nbdist.errors import InvalidArgumentError, NbdistError, PicklingError
 from nbdist.pool import Pool, check_options
 from nbdist.scope import names_assigned, names_read
+from nbdist.states import JobState
 
 MAGIC_NAMES = ("distributed", "nbdist")  # "distributed" alone clashes with other packages
 
@@ -292,7 +293,8 @@ def _launch(shell, cell: Cell, captured: dict[str, Any], options: dict[str, Any]
         raise
     except KeyboardInterrupt as exc:
         job = api.last_job()
-        logs = f" (logs in {job.dir})" if job is not None and job.status == "interrupted" else ""
+        interrupted = job is not None and job.status == JobState.INTERRUPTED
+        logs = f" (logs in {job.dir})" if interrupted else ""
         notes = [n for n in getattr(exc, "__notes__", ()) if n.startswith("[nbdist]")]
         exc._render_traceback_ = _Rendered([
             f"KeyboardInterrupt: the %%distributed cell was interrupted; every rank was "

@@ -37,11 +37,11 @@ from typing import Any, Callable, Sequence
 
 from nbdist import api
 from nbdist import display as displays
-from nbdist.channel import DONE, FAILED, READY
 from nbdist.errors import InvalidArgumentError, NbdistError
 from nbdist.job import Job, RankStatus, diagnose, prune_jobs, read_results
 from nbdist.jobdir import JobDir, write_json_atomic
 from nbdist.launcher import Launch
+from nbdist.states import REPORTED, JobState, RankState
 
 FAILURE_GRACE = 2.0  # seconds the other ranks get to finish once one rank failed
 INTERRUPT_GRACE = 2.0  # seconds the ranks get to answer SIGINT with KeyboardInterrupt
@@ -118,12 +118,12 @@ class Pool:
             self._post(task, return_all)
             return self._outcome(job, view, timeout)
         except KeyboardInterrupt as exc:
-            job.status = "interrupted"
+            job.status = JobState.INTERRUPTED
             self._interrupted(job, exc)
             raise
         except BaseException as exc:
-            if job.status == "running":
-                job.status = "failed"
+            if job.status == JobState.RUNNING:
+                job.status = JobState.FAILED
             job.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
             raise
         finally:
@@ -143,7 +143,8 @@ class Pool:
             "persist": self.persist, "tasks": self.tasks,
             "idle_seconds": round(time.monotonic() - self._idle_since, 1),
             "ranks": [{"rank": r.rank, "pid": r.pid,
-                       "state": "idle" if r.state == READY and self.alive else r.state}
+                       "state": RankState.IDLE if r.state == RankState.READY and self.alive
+                       else r.state}
                       for r in ranks],
             "dir": str(self._dir.path) if self._dir is not None else None,
         }
@@ -220,7 +221,7 @@ class Pool:
         self._stop()
         exc.add_note(LOST)
         if self._ranks is not None and self._dir is not None:
-            self._ranks.status = "failed"
+            self._ranks.status = JobState.FAILED
             self._ranks.error = f"torn down: {type(exc).__name__}"
             self._ranks.mark_stopped()
             self._ranks.ended = time.time()
@@ -230,12 +231,12 @@ class Pool:
     def _wait_ready(self, view: displays.Display) -> None:
         """The first task waits for the ranks to join (the display shows them do it)."""
         record = self._ranks
-        if all(r.state == READY for r in record.ranks):
+        if _all(record, RankState.READY):
             return
         try:
             api.supervise(self._launch, record, view, timeout=None,
                           init_timeout=self.plan.init_timeout,
-                          until=lambda: all(r.state == READY for r in record.ranks))
+                          until=lambda: _all(record, RankState.READY))
         except NbdistError as exc:  # init timeout: everything is killed already
             self._teardown(exc)
             raise
@@ -268,7 +269,7 @@ class Pool:
             still run (likely stuck waiting for it)."""
             if _reported(job):
                 return True
-            if not first_failure and any(r.state == FAILED for r in job.ranks):
+            if not first_failure and any(r.state == RankState.FAILED for r in job.ranks):
                 first_failure.append(time.monotonic())
             return bool(first_failure) and time.monotonic() - first_failure[0] > FAILURE_GRACE
 
@@ -284,13 +285,13 @@ class Pool:
             self._signal(signal.SIGINT)
             self._wait_reported(job, view, INTERRUPT_GRACE)
         self.tasks += 1
-        if all(r.state == DONE for r in job.ranks):
+        if _all(job, RankState.DONE):
             ranks = list(range(self.nprocs)) if job.return_all else [0]
             values = read_results(JobDir(job.dir), ranks)
-            job.status = "succeeded"
+            job.status = JobState.SUCCEEDED
             job.result_loaded = True
             return values if job.return_all else values[0]
-        job.status = "failed"
+        job.status = JobState.FAILED
         exc = diagnose(job, None)
         if self._launch.poll() is not None:
             raise self._lost(job)
@@ -302,7 +303,7 @@ class Pool:
 
     def _lost(self, job: Job) -> BaseException:
         """The error for a task whose ranks died with the pool (a crash, a kill)."""
-        job.status = "failed"
+        job.status = JobState.FAILED
         pool_failures = self._dir.failures
         with contextlib.suppress(FileNotFoundError):  # the exit codes torchrun saw
             shutil.copy(pool_failures, JobDir(job.dir).failures)
@@ -315,7 +316,7 @@ class Pool:
         within ``INTERRUPT_GRACE`` (stuck in C++, a collective) cost the pool."""
         if not self.alive:
             return
-        if not all(r.state == READY for r in self._ranks.ranks):  # still starting
+        if not _all(self._ranks, RankState.READY):  # still starting
             self._teardown(exc)
             return
         self._signal(signal.SIGINT)
@@ -345,7 +346,7 @@ class Pool:
             api.supervise(self._launch, job, displays.create("none"),
                           timeout=HEALTH_TIMEOUT, init_timeout=None,
                           until=lambda: _reported(job))
-            if self._launch.poll() is not None or not all(r.state == DONE for r in job.ranks):
+            if self._launch.poll() is not None or not _all(job, RankState.DONE):
                 return False
             return read_results(task, [0])[0] == self.nprocs
         except NbdistError:  # the health check timed out: everything is killed
@@ -362,7 +363,11 @@ class Pool:
 
 def _reported(job: Job) -> bool:
     """Every rank of the task reported its outcome."""
-    return all(r.state in (DONE, FAILED) for r in job.ranks)
+    return all(r.state in REPORTED for r in job.ranks)
+
+
+def _all(job: Job, state: RankState) -> bool:
+    return all(r.state == state for r in job.ranks)
 
 
 def check_options(pool: Pool, *, nprocs: int | None, gpus: Any, backend: str | None) -> None:

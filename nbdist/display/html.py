@@ -15,14 +15,17 @@ import time
 from nbdist.display.state import (LOG_SCALE_SPAN, JobView, RankView, describe_failure,
                                   format_duration, format_metrics, format_value,
                                   progress_text)
+from nbdist.states import JobState, RankState
 
 STATE_COLORS = {
-    "pending": "#888", "starting": "#888", "joining": "#888", "ready": "#1f6feb",
-    "running": "#1f6feb", "done": "#1a7f37", "failed": "#cf222e", "crashed": "#cf222e",
-    "killed": "#bc4c00", "stopped": "#bc4c00",
+    RankState.PENDING: "#888", RankState.STARTING: "#888", RankState.JOINING: "#888",
+    RankState.READY: "#1f6feb", RankState.RUNNING: "#1f6feb", RankState.DONE: "#1a7f37",
+    RankState.FAILED: "#cf222e", RankState.CRASHED: "#cf222e",
+    RankState.KILLED: "#bc4c00", RankState.STOPPED: "#bc4c00",
 }
-JOB_COLORS = {"running": "#1f6feb", "succeeded": "#1a7f37", "failed": "#cf222e",
-              "timeout": "#bc4c00", "interrupted": "#bc4c00"}
+JOB_COLORS = {JobState.RUNNING: "#1f6feb", JobState.SUCCEEDED: "#1a7f37",
+              JobState.FAILED: "#cf222e", JobState.TIMEOUT: "#bc4c00",
+              JobState.INTERRUPTED: "#bc4c00"}
 SERIES_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c")
 MONO = "font-family: var(--jp-code-font-family, monospace); font-size: 12px"
 NOWRAP = "white-space: nowrap; overflow: hidden; text-overflow: ellipsis; display: block"
@@ -53,7 +56,8 @@ def info_html(view: JobView, rank: RankView) -> str:
     if idle is not None:
         extra = (f' <span style="color:#bc4c00">no progress for '
                  f'{format_duration(idle)}</span>')
-    if rank.state in ("failed", "crashed", "killed") and describe_failure(rank):
+    if rank.state in (RankState.FAILED, RankState.CRASHED, RankState.KILLED) \
+            and describe_failure(rank):
         extra += f' <span style="color:#cf222e">{esc(describe_failure(rank))}</span>'
     return f'<span style="{MONO}; {NOWRAP}">{esc(text)}{extra}</span>'
 
@@ -201,7 +205,7 @@ def live_fallback_html(view: JobView) -> str:
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.started))
     return (f'<div class="nbdist-live" style="border:1px solid #ddd; '
             f'padding:6px"><div style="{MONO}"><b>nbdist</b> job <code>{esc(job.id)}'
-            f'</code> · <span style="color:{JOB_COLORS["running"]}; font-weight:600">'
+            f'</code> · <span style="color:{JOB_COLORS[JobState.RUNNING]}; font-weight:600">'
             f'running…</span> · {len(view.ranks)} ranks · {esc(job.backend)} · started '
             f'{esc(started)}</div><div style="{MONO}; color:#666">the live view needs '
             f'the kernel and ipywidgets; when the job ends the final dashboard replaces '

@@ -34,6 +34,7 @@ from nbdist.display import html as h
 from nbdist.display.base import RENDER_INTERVAL, Display
 from nbdist.display.plain import PlainDisplay
 from nbdist.display.state import JobView, RankView
+from nbdist.states import EventKind, RankState
 
 if TYPE_CHECKING:
     from nbdist.channel import Event
@@ -93,7 +94,8 @@ class RankRow:
     def create(cls, rank: int) -> "RankRow":
         name = widgets.HTML(f'<span style="{h.MONO}">rank {rank}</span>',
                             layout=widgets.Layout(width="56px"))
-        state = widgets.HTML(h.state_html("pending"), layout=widgets.Layout(width="64px"))
+        state = widgets.HTML(h.state_html(RankState.PENDING),
+                             layout=widgets.Layout(width="64px"))
         progress = widgets.FloatProgress(value=0.0, min=0.0, max=100.0,
                                          layout=widgets.Layout(width="180px"))
         # one line per rank: the progress text keeps its width, the metrics get what
@@ -114,8 +116,9 @@ class RankRow:
         self.metrics.value = h.metrics_html(rank)
 
 
-_BAR_STYLES = {"done": "success", "failed": "danger", "crashed": "danger",
-               "killed": "warning", "stopped": "warning"}
+_BAR_STYLES = {RankState.DONE: "success", RankState.FAILED: "danger",
+               RankState.CRASHED: "danger", RankState.KILLED: "warning",
+               RankState.STOPPED: "warning"}
 
 
 class NotebookDisplay(Display):
@@ -162,9 +165,9 @@ class NotebookDisplay(Display):
         if self.view is None or not self.view.apply(event):
             return
         self._dirty = True
-        if event.kind == "metrics" and event.rank == 0:
+        if event.kind == EventKind.METRICS and event.rank == 0:
             self._chart_dirty = True
-        if event.kind == "status" and self.view.ranks[event.rank].bad:
+        if event.kind == EventKind.STATUS and self.view.ranks[event.rank].bad:
             self._render()  # a failure is shown at once
         else:
             self.tick()

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, TextIO
 
 from nbdist.display.base import Display
 from nbdist.display.state import JobView, RankView, describe_failure, format_metrics
+from nbdist.states import EventKind
 
 if TYPE_CHECKING:
     from nbdist.channel import Event
@@ -68,14 +69,14 @@ class PlainDisplay(Display):
         if view is None or not view.apply(event):
             return
         rank = view.ranks[event.rank]
-        if event.kind == "status":
+        if event.kind == EventKind.STATUS:
             self._show_failure(rank)
             return
         if event.rank not in view.streamed:
             return
         now = self._clock()
         due = now - self._last_line.get(event.rank, now - PROGRESS_EVERY) >= PROGRESS_EVERY
-        if event.kind == "progress":
+        if event.kind == EventKind.PROGRESS:
             key = (event.rank, event.data.get("bar", 0))
             closed = event.data.get("closed", False)
             # an outermost loop whose middle was shown also gets its end shown

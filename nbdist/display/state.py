@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from nbdist.channel import DONE, FAILED
+from nbdist.states import FINAL, EventKind, JobState, RankState
 
 if TYPE_CHECKING:
     from nbdist.channel import Event
@@ -31,12 +31,11 @@ SERIES_MAX_POINTS = 2000  # per metric, before the history is thinned to half
 SERIES_MAX_KEYS = 8
 LOG_SCALE_SPAN = 30.0  # max / min of a positive series from which charts use a log scale
 
-# States after which a rank changes no more; "crashed" / "killed" come from the Job
-# record (torchrun's agent saw the exit, or nbdist killed a rank that had not finished:
-# timeout, interrupt, a peer's death), "stopped" is what a display shows for a rank
-# the record leaves unfinished (one that never reported).
-FINAL_STATES = (DONE, FAILED, "crashed", "killed", "stopped")
-BAD_STATES = (FAILED, "crashed")
+# CRASHED / KILLED come from the Job record (torchrun's agent saw the exit, or nbdist
+# killed a rank that had not finished: timeout, interrupt, a peer's death); STOPPED is
+# what a display shows for a rank the record leaves unfinished (one that never reported).
+BAD_STATES = (RankState.FAILED, RankState.CRASHED)
+ENDED_EARLY = (RankState.FAILED, RankState.CRASHED, RankState.KILLED, RankState.STOPPED)
 
 
 @dataclass
@@ -83,7 +82,7 @@ class Bar:
 @dataclass
 class RankView:
     rank: int
-    state: str = "pending"
+    state: RankState = RankState.PENDING
     exitcode: int | None = None
     error: str | None = None  # the exception's type name, when the rank reported one
     bars: dict[int, Bar] = field(default_factory=dict)
@@ -92,7 +91,7 @@ class RankView:
 
     @property
     def final(self) -> bool:
-        return self.state in FINAL_STATES
+        return self.state in FINAL
 
     @property
     def bad(self) -> bool:
@@ -109,7 +108,7 @@ class RankView:
         open_bars = [b for b in self.bars.values() if not b.closed]
         if open_bars:
             return max(open_bars, key=lambda b: b.id)
-        if self.state in (FAILED, "crashed", "killed", "stopped"):
+        if self.state in ENDED_EARLY:
             return max(self.bars.values(), key=lambda b: b.id)
         return max(self.bars.values(), key=lambda b: b.seq)
 
@@ -144,7 +143,7 @@ class RankView:
         bar = self.active_bar()
         if bar is not None and bar.fraction is not None:
             return bar.fraction
-        if self.state == DONE:
+        if self.state == RankState.DONE:
             return 1.0
         return None if bar is None else 0.0
 
@@ -185,7 +184,7 @@ class JobView:
         self.clock = clock
         self.streamed = streamed if streamed is not None else {0}
         self.ranks = [RankView(r.rank) for r in job.ranks]
-        self.status = "running"
+        self.status = JobState.RUNNING
         self.started = clock()
         self.ended: float | None = None
         self.duration: float | None = None
@@ -199,22 +198,22 @@ class JobView:
         if not 0 <= event.rank < len(self.ranks):
             return False
         rank = self.ranks[event.rank]
-        if event.kind == "status":
+        if event.kind == EventKind.STATUS:
             return self._status(rank, event)
-        if event.kind == "progress":
+        if event.kind == EventKind.PROGRESS:
             return self._progress(rank, event)
-        if event.kind == "metrics":
+        if event.kind == EventKind.METRICS:
             return self._metrics(rank, event)
         return False
 
     def _status(self, rank: RankView, event: "Event") -> bool:
         data = event.data
-        rank.state = data.get("state", rank.state)
+        rank.state = RankState(data.get("state", rank.state))
         if "exitcode" in data:
             rank.exitcode = data["exitcode"]
         if data.get("error"):
             rank.error = data["error"]
-        if rank.state == DONE:
+        if rank.state == RankState.DONE:
             rank.exitcode = 0
         if rank.bad:
             self._read_tail(rank)
@@ -266,10 +265,11 @@ class JobView:
         self.duration = job.duration
         self.ended = self.clock()
         for rank, status in zip(self.ranks, job.ranks):
-            if status.state in ("crashed", "killed"):
+            if status.state in (RankState.CRASHED, RankState.KILLED):
                 rank.state = status.state
             elif not rank.final:
-                rank.state = DONE if status.state == DONE else "stopped"
+                rank.state = RankState.DONE if status.state == RankState.DONE \
+                    else RankState.STOPPED
             if status.exitcode is not None:
                 rank.exitcode = status.exitcode
             if rank.bad:
@@ -315,7 +315,7 @@ class JobView:
     def rank_line(self, rank: RankView) -> str:
         """Everything about one rank on one line, for plain text."""
         parts = [f"rank {rank.rank} {rank.state}"]
-        if rank.state == FAILED or rank.exitcode not in (None, 0):
+        if rank.state == RankState.FAILED or rank.exitcode not in (None, 0):
             parts.append(describe_failure(rank))
         progress = progress_text(rank)
         if progress:

@@ -30,6 +30,7 @@ from nbdist.display.base import RENDER_INTERVAL, Display
 from nbdist.display.state import (LOG_SCALE_SPAN, JobView, LineBuffer, RankView,
                                   describe_failure, format_duration, format_metrics,
                                   format_value, progress_text)
+from nbdist.states import EventKind, JobState, RankState
 
 if TYPE_CHECKING:
     from nbdist.channel import Event
@@ -41,14 +42,16 @@ SPARK_WIDTH = 40
 SPARKS = "▁▂▃▄▅▆▇█"
 
 STATE_STYLES = {
-    "pending": "dim", "starting": "dim", "joining": "dim", "ready": "blue",
-    "running": "blue", "done": "green", "failed": "bold red", "crashed": "bold red",
-    "killed": "yellow", "stopped": "yellow",
+    RankState.PENDING: "dim", RankState.STARTING: "dim", RankState.JOINING: "dim",
+    RankState.READY: "blue", RankState.RUNNING: "blue", RankState.DONE: "green",
+    RankState.FAILED: "bold red", RankState.CRASHED: "bold red",
+    RankState.KILLED: "yellow", RankState.STOPPED: "yellow",
 }
-JOB_STYLES = {"running": "bold blue", "succeeded": "bold green", "failed": "bold red",
-              "timeout": "bold yellow", "interrupted": "bold yellow"}
-BAR_STYLES = {"done": "green", "failed": "red", "crashed": "red", "killed": "yellow",
-              "stopped": "yellow"}
+JOB_STYLES = {JobState.RUNNING: "bold blue", JobState.SUCCEEDED: "bold green",
+              JobState.FAILED: "bold red", JobState.TIMEOUT: "bold yellow",
+              JobState.INTERRUPTED: "bold yellow"}
+BAR_STYLES = {RankState.DONE: "green", RankState.FAILED: "red", RankState.CRASHED: "red",
+              RankState.KILLED: "yellow", RankState.STOPPED: "yellow"}
 
 
 class TerminalDisplay(Display):
@@ -87,7 +90,7 @@ class TerminalDisplay(Display):
         if self.view is None or not self.view.apply(event):
             return
         self._dirty = True
-        if event.kind == "status" and self.view.ranks[event.rank].bad:
+        if event.kind == EventKind.STATUS and self.view.ranks[event.rank].bad:
             self._refresh()  # a failure is shown at once
         else:
             self.tick()

@@ -891,3 +891,22 @@ def test_real_kernel_magic_shows_every_rank_done_at_100(nbdist_home, tmp_path):
     assert "loss=" in text and "<polyline" in final["data"]["text/html"]
     streamed = "".join(s["text"] for s in by_kind["stream"] if s["name"] == "stdout")
     assert "epoch 1 done on rank 0" in streamed and "on rank 1" not in streamed
+
+
+def test_a_pool_task_shows_its_pool_and_its_ranks_busy_then_idle(tmp_path):
+    from nbdist.display.html import dashboard_html
+    from nbdist.display.state import JobView
+
+    job = make_job(tmp_path)
+    job.pool = "20260101-000000-000-pool"
+    view = JobView(job)
+    view.apply(Event(0, "status", T0, {"state": "running"}))
+    view.apply(Event(1, "status", T0, {"state": "done"}))
+    assert [view.label(r) for r in view.ranks] == ["busy", "idle"]
+    assert view.summary().startswith(f"nbdist task {job.id} on pool {job.pool} running for")
+    assert "1 busy, 1 idle" in view.summary()
+    page = dashboard_html(view)
+    assert f"task <code>{job.id}</code> on pool <code>{job.pool}</code>" in page
+    assert ">busy</span>" in page and ">idle</span>" in page
+    job.pool = None  # a cold job's ranks keep their own words
+    assert [view.label(r) for r in view.ranks] == ["running", "done"]

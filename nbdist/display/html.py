@@ -35,15 +35,17 @@ def esc(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
-def state_html(state: str) -> str:
+def state_html(state: str, label: str | None = None) -> str:
     color = STATE_COLORS.get(state, "#888")
-    return f'<span style="color:{color}; font-weight:600">{esc(state)}</span>'
+    return f'<span style="color:{color}; font-weight:600">{esc(label or state)}</span>'
 
 
 def header_html(view: JobView) -> str:
     job = view.job
     color = JOB_COLORS.get(view.status, "#888")
-    return (f'<div style="{MONO}"><b>nbdist</b> job <code>{esc(job.id)}</code> · '
+    where = f" on pool <code>{esc(job.pool)}</code>" if getattr(job, "pool", None) else ""
+    return (f'<div style="{MONO}"><b>nbdist</b> {"task" if where else "job"} '
+            f'<code>{esc(job.id)}</code>{where} · '
             f'<span style="color:{color}; font-weight:600">{esc(view.status)}</span> · '
             f'{format_duration(view.elapsed())} · {len(view.ranks)} ranks · '
             f'{esc(job.backend)}</div>')
@@ -178,7 +180,7 @@ def dashboard_html(view: JobView) -> str:
         fraction = rank.fraction()
         pct = "" if fraction is None else f"{fraction:.0%}"
         rows.append(
-            f'<tr><td style="{MONO}">rank {rank.rank}</td><td>{state_html(rank.state)}</td>'
+            f'<tr><td style="{MONO}">rank {rank.rank}</td><td>{state_html(rank.state, view.label(rank))}</td>'
             f'<td>{bar_html(fraction, rank.state)}</td><td style="{MONO}">{pct}</td>'
             f'<td>{info_html(view, rank)}</td><td>{metrics_html(rank)}</td></tr>')
     table = ('<table style="border-collapse:collapse; margin:4px 0">'

@@ -108,7 +108,7 @@ class RankRow:
         return cls(name, state, progress, info, metrics, box)
 
     def update(self, view: JobView, rank: RankView) -> None:
-        self.state.value = h.state_html(rank.state)
+        self.state.value = h.state_html(rank.state, view.label(rank))
         fraction = rank.fraction()
         self.progress.value = 0.0 if fraction is None else round(fraction * 100, 2)
         self.progress.bar_style = _BAR_STYLES.get(rank.state, "")

@@ -35,6 +35,8 @@ LOG_SCALE_SPAN = 30.0  # max / min of a positive series from which charts use a 
 # killed a rank that had not finished: timeout, interrupt, a peer's death); STOPPED is
 # what a display shows for a rank the record leaves unfinished (one that never reported).
 BAD_STATES = (RankState.FAILED, RankState.CRASHED)
+# a warm pool's rank works on the task, then waits for the next one
+POOL_LABELS = {RankState.RUNNING: "busy", RankState.DONE: "idle", RankState.READY: "idle"}
 ENDED_EARLY = (RankState.FAILED, RankState.CRASHED, RankState.KILLED, RankState.STOPPED)
 
 
@@ -299,22 +301,35 @@ class JobView:
         keys = [k for k in self.series if "loss" in k.lower()]
         return keys[:3] or list(self.series)[:1]
 
+    @property
+    def title(self) -> str:
+        """``job 1a2b``, or for a warm pool's task ``task 1a2b on pool 3c4d``."""
+        pool = getattr(self.job, "pool", None)
+        return f"task {self.job.id} on pool {pool}" if pool else f"job {self.job.id}"
+
+    def label(self, rank: RankView) -> str:
+        """A rank's state as shown: a pool's ranks are busy with the task, then idle."""
+        if getattr(self.job, "pool", None):
+            return POOL_LABELS.get(rank.state, rank.state)
+        return rank.state
+
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for rank in self.ranks:
-            counts[rank.state] = counts.get(rank.state, 0) + 1
+            label = self.label(rank)
+            counts[label] = counts.get(label, 0) + 1
         return counts
 
     def summary(self) -> str:
         """One line: ``job 1a2b succeeded in 12.3s: 2/2 ranks done``."""
         counts = ", ".join(f"{n} {state}" for state, n in self.counts().items())
         verb = "running for" if self.duration is None else f"{self.status} in"
-        return (f"nbdist job {self.job.id} {verb} {format_duration(self.elapsed())} "
+        return (f"nbdist {self.title} {verb} {format_duration(self.elapsed())} "
                 f"({len(self.ranks)} ranks: {counts})")
 
     def rank_line(self, rank: RankView) -> str:
         """Everything about one rank on one line, for plain text."""
-        parts = [f"rank {rank.rank} {rank.state}"]
+        parts = [f"rank {rank.rank} {self.label(rank)}"]
         if rank.state == RankState.FAILED or rank.exitcode not in (None, 0):
             parts.append(describe_failure(rank))
         progress = progress_text(rank)

@@ -151,7 +151,7 @@ class TerminalDisplay(Display):
 
     def _header(self, view: JobView) -> Text:
         return Text.assemble(
-            ("nbdist", "bold"), " job ", (view.job.id, "cyan"), " · ",
+            ("nbdist ", "bold"), (view.title, "cyan"), " · ",
             (view.status, JOB_STYLES.get(view.status, "")), " · ",
             format_duration(view.elapsed()), f" · {len(view.ranks)} ranks · ",
             view.job.backend)
@@ -160,7 +160,7 @@ class TerminalDisplay(Display):
         fraction = rank.fraction()
         row = Text(f" rank {rank.rank:<{len(str(len(view.ranks) - 1))}} ", no_wrap=True,
                    overflow="ellipsis")
-        row.append(f"{rank.state:<8}", STATE_STYLES.get(rank.state, ""))
+        row.append(f"{view.label(rank):<8}", STATE_STYLES.get(rank.state, ""))
         row.append(" ")
         row.append_text(bar_text(fraction, BAR_STYLES.get(rank.state, "blue")))
         row.append("      " if fraction is None else f" {fraction:>4.0%} ")

@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 # every rank and torchrun's agent import this package too, and need none of the
 # caller's machinery (api, job, magic, displays).
 _EXPORTS = {
-    "run_distributed": "api", "last_job": "api", "Pool": "pool",
+    "run_distributed": "api", "last_job": "api", "Pool": "pool", "stacks": "rankstacks",
     "jobs": "job", "load_result": "job", "Job": "job",
     "load_ipython_extension": "magic",
     "NbdistError": "errors", "InvalidArgumentError": "errors",
@@ -30,7 +30,7 @@ _EXPORTS = {
     "rank0_first": "runtime", "track": "runtime", "report": "runtime",
 }
 _SUBMODULES = ("api", "cell", "channel", "display", "errors", "frameworks", "job",
-               "jobdir", "launcher", "magic", "payload", "pool", "runtime", "scope",
+               "jobdir", "launcher", "magic", "payload", "pool", "rankstacks", "runtime", "scope",
                "states")
 
 __all__ = list(_EXPORTS)
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from nbdist.job import Job, jobs, load_result
     from nbdist.magic import load_ipython_extension
     from nbdist.pool import Pool
+    from nbdist.rankstacks import stacks
     from nbdist.runtime import (barrier, device, is_main, local_rank, rank, rank0_first,
                                 report, track, world_size)
 

@@ -14,9 +14,9 @@ peers may be stuck in a collective, and torchrun's agent kills them when one ran
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
-import gc
 import json
 import os
 import pickle
@@ -42,6 +42,7 @@ def main(job_dir: str) -> None:
     job = JobDir(job_dir)
     spec = job.read_spec()
     rank = int(os.environ["RANK"])
+    _dump_stacks_on_signal(job.stacks(rank))  # before the caller knows the pid to signal
     channel = ChannelWriter(job.events(rank))
     channel.status(RankState.STARTING, pid=os.getpid(), host=socket.gethostname())
     runtime._attach(channel)
@@ -53,10 +54,22 @@ def main(job_dir: str) -> None:
     _destroy_process_group()
     channel.status(RankState.DONE)
     channel.close()
-    # The interpreter's teardown garbage-collects torch's hundreds of thousands of
-    # objects (~0.7 s on a small machine) before torchrun sees this rank exit. Frozen
-    # objects are skipped; atexit handlers and module teardown still run as usual.
-    gc.freeze()
+    _exit_after_atexit()
+
+
+def _exit_after_atexit() -> None:
+    """Leave without the interpreter's teardown, once atexit handlers have run.
+
+    That teardown garbage-collects torch's hundreds of thousands of objects (~0.7 s on
+    a small machine) before torchrun sees the rank exit, and after a DDP job it aborts
+    about one run in six ("terminate called without an active exception", SIGABRT:
+    torch's C++ objects destroyed in the wrong order, pytorch#190489), which turned a
+    finished job into a crash. The handlers the user's code registered still run.
+    """
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _serve_one(job: JobDir, spec: dict, rank: int, channel: ChannelWriter) -> None:
@@ -213,7 +226,21 @@ def _init_process_group(spec: dict) -> None:
 
     if spec["device"] == "cuda":
         torch.cuda.set_device(runtime.local_rank())
-    dist.init_process_group(spec["backend"])
+    # torch >= 2.1 has no barrier after init: a rank returns as soon as its own gloo
+    # sockets are connected, and if it then exits or destroys its group (a function that
+    # returns or raises without a collective) while a peer is still in connectFullMesh,
+    # that peer fails with "Connection closed by peer" (likelier under load; pytorch
+    # PR 61396). torch's store barrier after init makes every rank wait for all; only
+    # for nbdist's own call, not the user's new_group() calls.
+    previous = os.environ.get("TORCH_DIST_INIT_BARRIER")
+    os.environ["TORCH_DIST_INIT_BARRIER"] = "1"
+    try:
+        dist.init_process_group(spec["backend"])
+    finally:
+        if previous is None:
+            del os.environ["TORCH_DIST_INIT_BARRIER"]
+        else:
+            os.environ["TORCH_DIST_INIT_BARRIER"] = previous
 
 
 def _accept_users_init() -> None:
@@ -307,6 +334,18 @@ def _exit_now(channel: ChannelWriter, code: int, **data: Any) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _dump_stacks_on_signal(path) -> None:
+    """On SIGUSR1, append every thread's Python stack to ``path`` (``stacks.py``).
+
+    faulthandler's handler is C code: it answers while the rank is stuck in C++ too
+    (a collective, a data loader's queue), where no Python handler would run.
+    """
+    import faulthandler
+
+    stream = open(path, "a", buffering=1)  # kept open for the life of the process
+    faulthandler.register(signal.SIGUSR1, file=stream, all_threads=True)
 
 
 def _start_watchdog(channel: ChannelWriter, caller: int) -> None:

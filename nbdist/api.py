@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from nbdist import display as displays
-from nbdist import frameworks, payload
+from nbdist import frameworks, payload, rankstacks
 from nbdist.channel import ChannelReader, LogFollower
 from nbdist.errors import InitTimeoutError, InvalidArgumentError, JobTimeoutError
 from nbdist.job import Job, RankStatus, diagnose, prune_jobs, read_results
@@ -38,6 +38,7 @@ FIRST_POLL = 0.001  # the first looks, doubling up to POLL
 
 
 _last_job: Job | None = None
+_running: Launch | None = None  # the launch supervise() follows now, for stacks()
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,11 @@ def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
         job.ended = time.time()
         job.save()
         view.stop(job)
+
+
+def running_launch() -> Launch | None:
+    """The launch of the job (or pool task) running in this process now, if any."""
+    return _running
 
 
 def last_job() -> Job | None:
@@ -327,10 +333,11 @@ def supervise(launch: Launch, job: Job, view: displays.Display, *,
                timeout: float | None, init_timeout: float | None,
                until: Callable[[], bool] | None = None) -> None:
     """Follow ``job`` until torchrun exits or ``until()`` holds; raise on timeouts
-    (after killing everything).
+    (after killing everything, with every rank's stack in the error).
 
     ``job`` may be a pool's task: its folder has the task's events and logs.
     """
+    global _running
     job_dir = JobDir(job.dir)
     events = ChannelReader({r: job_dir.events(r) for r in range(job.nprocs)})
     shown = range(job.nprocs) if view.all_ranks else [0]
@@ -347,30 +354,35 @@ def supervise(launch: Launch, job: Job, view: displays.Display, *,
             if text:
                 view.output(rank, text)
 
-    while True:
-        exited = launch.poll() is not None
-        pump(final=exited)
-        if exited:
-            return
-        if until is not None and until():
-            pump(final=True)  # an outcome is written after the rank's last output
-            return
-        view.tick()  # redraw the clock between events (the display throttles itself)
-        elapsed = time.monotonic() - started
-        if timeout is not None and elapsed > timeout:
-            launch.kill()
-            pump(final=True)
-            job.status = JobState.TIMEOUT
-            raise _timeout_error(job, timeout)
-        if (init_timeout is not None and elapsed > init_timeout
-                and any(r.state in NOT_JOINED for r in job.ranks)):
-            launch.kill()
-            pump(final=True)
-            job.status = JobState.TIMEOUT
-            raise _init_timeout_error(job, init_timeout)
-        # short naps at first: a pool's task is often over in milliseconds
-        launch.wait(interval)
-        interval = min(POLL, interval * 2)
+    def stop(error: Callable[..., BaseException], limit: float) -> BaseException:
+        where = _stacks(launch)  # before the kill: where each rank is stuck
+        launch.kill()
+        pump(final=True)
+        job.status = JobState.TIMEOUT
+        return error(job, limit, where)
+
+    _running = launch
+    try:
+        while True:
+            exited = launch.poll() is not None
+            pump(final=exited)
+            if exited:
+                return
+            if until is not None and until():
+                pump(final=True)  # an outcome is written after the rank's last output
+                return
+            view.tick()  # redraw the clock between events (the display throttles itself)
+            elapsed = time.monotonic() - started
+            if timeout is not None and elapsed > timeout:
+                raise stop(_timeout_error, timeout)
+            if (init_timeout is not None and elapsed > init_timeout
+                    and any(r.state in NOT_JOINED for r in job.ranks)):
+                raise stop(_init_timeout_error, init_timeout)
+            # short naps at first: a pool's task is often over in milliseconds
+            launch.wait(interval)
+            interval = min(POLL, interval * 2)
+    finally:
+        _running = None
 
 
 def _apply(event, job: Job, launch: Launch) -> None:
@@ -395,24 +407,32 @@ def _last_lines(job: Job, ranks: list[int]) -> str:
         for r in ranks)
 
 
-def _timeout_error(job: Job, timeout: float) -> JobTimeoutError:
+def _stacks(launch: Launch) -> str:
+    """Where each rank is, before a timeout kills them (see rankstacks.py)."""
+    dumps = rankstacks.collect(launch, dict(launch.worker_pids))
+    return rankstacks.report(dumps) if dumps else ""
+
+
+def _timeout_error(job: Job, timeout: float, where: str) -> JobTimeoutError:
     running = [r.rank for r in job.ranks if r.state not in REPORTED]
     lines = _last_lines(job, running)
+    stacks = f"\nWhere each rank was:\n{where}" if where else ""
     return JobTimeoutError(
         f"job {job.id} ran past timeout={timeout:g}s and was killed; ranks still "
-        f"running: {running}. Their last log lines:\n{lines}",
-        timeout=timeout, running_ranks=running)
+        f"running: {running}.{stacks}\nTheir last log lines:\n{lines}",
+        timeout=timeout, running_ranks=running, stacks=where)
 
 
-def _init_timeout_error(job: Job, timeout: float) -> InitTimeoutError:
+def _init_timeout_error(job: Job, timeout: float, where: str) -> InitTimeoutError:
     # the ranks that never reached init_process_group, else those stuck inside it
     missing = ([r.rank for r in job.ranks if r.state in NOT_JOINED[:2]]
                or [r.rank for r in job.ranks if r.state in NOT_JOINED])
     joined = [r.rank for r in job.ranks if r.rank not in missing]
     lines = _last_lines(job, missing)
+    stacks = f"\nWhere each rank was:\n{where}" if where else ""
     return InitTimeoutError(
         f"ranks {missing} did not join the process group within init_timeout="
         f"{timeout:g}s (joined: {joined}); everything was killed. Code that runs before "
         f"the function (imports of the arguments' modules) or a blocked network "
-        f"rendezvous are the usual causes. Their last log lines:\n{lines}",
-        timeout=timeout, missing_ranks=missing)
+        f"rendezvous are the usual causes.{stacks}\nTheir last log lines:\n{lines}",
+        timeout=timeout, missing_ranks=missing, stacks=where)

@@ -76,19 +76,26 @@ class WorkerCrashedError(NbdistError):
 
 
 class JobTimeoutError(NbdistError, TimeoutError):
-    """The job ran past ``timeout=``; every worker has been killed."""
+    """The job ran past ``timeout=``; every worker has been killed.
 
-    def __init__(self, message: str, *, timeout: float, running_ranks: list[int]):
+    ``stacks`` says where each rank was (its Python stack, the user's frames first).
+    """
+
+    def __init__(self, message: str, *, timeout: float, running_ranks: list[int],
+                 stacks: str = ""):
         super().__init__(message)
         self.timeout = timeout
         self.running_ranks = running_ranks
+        self.stacks = stacks
 
 
 class InitTimeoutError(JobTimeoutError):
     """Some ranks did not join the process group within ``init_timeout=``."""
 
-    def __init__(self, message: str, *, timeout: float, missing_ranks: list[int]):
-        super().__init__(message, timeout=timeout, running_ranks=missing_ranks)
+    def __init__(self, message: str, *, timeout: float, missing_ranks: list[int],
+                 stacks: str = ""):
+        super().__init__(message, timeout=timeout, running_ranks=missing_ranks,
+                         stacks=stacks)
         self.missing_ranks = missing_ranks
 
 

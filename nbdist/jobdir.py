@@ -13,6 +13,7 @@
         result-rank-N.NAME.pt  one value of it: the return value, or a cell's name
         error-rank-N.pkl   rank N's exception record
         failures.json      per-rank exit codes as torchrun's agent saw them
+        stacks-rank-N.txt  rank N's Python stacks, dumped on SIGUSR1 (stacks.py)
         job.json           the final :class:`Job` record
         task.json, wake-rank-N   a pool's: the task posted last, and the FIFO that
                            wakes rank N for it (each task has a job folder of its own)
@@ -157,6 +158,9 @@ class JobDir:
 
     def log(self, rank: int) -> Path:
         return self.path / f"rank-{rank}.log"
+
+    def stacks(self, rank: int) -> Path:
+        return self.path / f"stacks-rank-{rank}.txt"
 
     def events(self, rank: int) -> Path:
         return self.path / f"events-rank-{rank}.jsonl"

@@ -121,7 +121,7 @@ class Launch:
         pids: set[int] = set()
         if self.proc.poll() is None:  # once reaped, its pid may belong to a stranger
             pids = {self.pid, *descendants(self.pid)}
-        pids.update(pid for pid in self.worker_pids.values() if _is_ours(pid, self.job))
+        pids.update(pid for pid in self.worker_pids.values() if is_rank_of(pid, self.job))
         groups = set()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -149,8 +149,8 @@ def _group_alive(group: int) -> bool:
     return any(not _is_zombie(pid) for pid in _group_members(group))
 
 
-def _is_ours(pid: int, job: JobDir) -> bool:
-    """True if ``pid`` is still a rank of this job (guards against pid reuse)."""
+def is_rank_of(pid: int, job: JobDir) -> bool:
+    """True if ``pid`` is still a rank of this launch (guards against pid reuse)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except FileNotFoundError:

@@ -43,6 +43,7 @@ from nbdist import api, payload, runtime
 from nbdist.cell import HELPERS, PREDEFINED, RANK_VALUES, Cell, compile_body, run_cell
 from nbdist.errors import InvalidArgumentError, NbdistError, PicklingError
 from nbdist.pool import Pool, check_options
+from nbdist.rankstacks import stacks
 from nbdist.scope import names_assigned, names_read
 from nbdist.states import JobState
 
@@ -70,7 +71,7 @@ def _make_pool_magic():
     from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
     @magic_arguments("%distributed")
-    @argument("action", choices=("start", "status", "restart", "stop"))
+    @argument("action", choices=("start", "status", "restart", "stop", "stacks"))
     @argument("--nprocs", type=int, metavar="N", help="number of ranks (start)")
     @argument("--gpus", metavar="2|0,1", help="GPUs, one rank each (start)")
     @argument("--backend", help="process group backend (start)")
@@ -80,7 +81,8 @@ def _make_pool_magic():
         """A warm pool for this kernel: ``%%distributed`` cells then run on its ranks.
 
         ``%distributed start --nprocs 2 [--persist]`` starts it, ``status`` says what it
-        holds, ``restart`` starts it anew (rank state is lost), ``stop`` ends it.
+        holds, ``restart`` starts it anew (rank state is lost), ``stop`` ends it,
+        ``stacks`` shows where each rank is (its Python stack).
         """
         global _pool
         usage = "usage: " + distributed.parser.format_usage().removeprefix("::\n\n  ")
@@ -111,6 +113,8 @@ def _make_pool_magic():
                 _pool.close()
                 _pool = None
             print("[nbdist] no pool: %%distributed cells run as cold jobs")
+        elif args.action == "stacks":
+            print(stacks())
         else:
             print(_describe(_pool))
 

@@ -35,7 +35,7 @@ import time
 import weakref
 from typing import Any, Callable, Sequence
 
-from nbdist import api
+from nbdist import api, rankstacks
 from nbdist import display as displays
 from nbdist.errors import InvalidArgumentError, NbdistError
 from nbdist.job import Job, RankStatus, diagnose, prune_jobs, read_results
@@ -53,6 +53,11 @@ LOST = ("[nbdist] the pool was torn down: its ranks and everything they held are
 KEPT = "[nbdist] the pool is still up: its ranks and their state are kept"
 
 _open_pools: "weakref.WeakSet[Pool]" = weakref.WeakSet()
+
+
+def open_pools() -> list["Pool"]:
+    """The pools of this process not closed yet."""
+    return list(_open_pools)
 
 
 class Pool:
@@ -326,8 +331,11 @@ class Pool:
             answered = False
         if answered and self._healthy():
             exc.add_note("[nbdist] every rank stopped its task; " + KEPT[9:])
-        else:
-            self._teardown(exc)
+            return
+        where = rankstacks.report(rankstacks.collect(self._launch, dict(self._launch.worker_pids)))
+        if where:
+            exc.add_note(f"[nbdist] where the ranks were when they did not answer:\n{where}")
+        self._teardown(exc)
 
     def _wait_reported(self, job: Job, view: displays.Display, seconds: float) -> bool:
         deadline = time.monotonic() + seconds
@@ -385,6 +393,6 @@ def check_options(pool: Pool, *, nprocs: int | None, gpus: Any, backend: str | N
 
 @atexit.register
 def _close_all() -> None:
-    for pool in list(_open_pools):
+    for pool in open_pools():
         with contextlib.suppress(Exception):
             pool.close()

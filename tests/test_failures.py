@@ -8,6 +8,7 @@ The autouse fixture in conftest.py fails any test that leaves a process behind.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -85,6 +86,13 @@ def two_failures():
     raise RuntimeError("second")
 
 
+def rank0_waits_in_barrier_rank1_sleeps():
+    if nbdist.rank() == 1:
+        print("rank 1 sleeping", flush=True)
+        time.sleep(600)  # never reaches the barrier
+    dist.barrier()
+
+
 def sleep_forever():
     print(f"rank {nbdist.rank()} sleeping", flush=True)
     time.sleep(600)
@@ -145,8 +153,8 @@ FAULTS = {
                 nbdist.WorkerCrashedError, "SIGSEGV", 1, 5),
     "os-exit": (exit_hard, (3,), {}, nbdist.WorkerCrashedError, "exit code 3", 0, 5),
     "two-ranks-fail": (two_failures, (), {}, KeyError, "first", 1, 5),
-    "timeout": (sleep_forever, (), {"timeout": 15}, nbdist.JobTimeoutError,
-                "rank 1 sleeping", None, 3),
+    "timeout": (rank0_waits_in_barrier_rank1_sleeps, (), {"timeout": 15},
+                nbdist.JobTimeoutError, "rank 1 sleeping", None, 3),
     "init-hang": (lambda x: None, (SlowToUnpickleOnRank1(),), {"init_timeout": 15},
                   nbdist.InitTimeoutError, "ranks [1] did not join", None, 3),
     "module-missing-on-workers": (lambda x: None, ("ghost",), {},
@@ -158,6 +166,7 @@ FAULTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_fault(fault, record_property):
     fn, args, options, expected, text, rank, bound = FAULTS[fault]
@@ -199,8 +208,15 @@ def test_fault(fault, record_property):
                    for note in exc.__notes__), exc.__notes__
     if fault == "module-missing-on-workers":
         assert "while loading the job's function and arguments" in message
-    if fault == "timeout":
+    if fault == "timeout":  # where each rank was: rank 0 in the barrier, rank 1 asleep
         assert exc.running_ranks == [0, 1]
+        assert "rank 0: waiting in barrier" in exc.stacks, exc.stacks
+        assert re.search(r"rank 1: at \S+test_failures.py line \d+ in "
+                         r"rank0_waits_in_barrier_rank1_sleeps", exc.stacks), exc.stacks
+        assert "time.sleep(600)  # never reaches the barrier" in exc.stacks
+        assert exc.stacks in str(exc)
+    if fault == "init-hang":  # rank 1 is stuck unpickling, before init_process_group
+        assert re.search(r"rank 1: at \S+ line \d+ in _stall_on_rank1", exc.stacks), exc.stacks
     job = nbdist.last_job()
     if fault == "killed-while-writing-result":  # never a half-written result
         assert not JobDir(job.dir).result(0).exists()
@@ -236,6 +252,7 @@ def _interrupt_when_running(home, when: list[float]):
     _thread.interrupt_main()
 
 
+@pytest.mark.slow
 def test_interrupt_kills_everything_fast_and_next_run_works(nbdist_home, record_property):
     when: list[float] = []
     threading.Thread(target=_interrupt_when_running, args=(nbdist_home, when),
@@ -256,6 +273,7 @@ def test_interrupt_kills_everything_fast_and_next_run_works(nbdist_home, record_
     assert nbdist.run_distributed(noop, nprocs=2, display="none") == "ok"
 
 
+@pytest.mark.slow
 def test_killed_caller_takes_its_workers_along(nbdist_home, record_property):
     caller = start_script("""
         import time, nbdist

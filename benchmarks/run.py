@@ -20,6 +20,9 @@ throughput the same training function (``workloads.convnet_throughput``) as a
 logs       the same printing function as a torchrun script, its output piped here
 ship       a plain ``torch.save`` of the tensor (for scale; the target is absolute)
 import     none: the target (50 ms) is absolute
+pool       a cold ``run_distributed`` noop job, run between the pool's starts; for
+           its result, ``torch.save`` + ``torch.load`` of the tensor; after a
+           failed task, a warm noop task after a noop (issue 12)
 =========  ==================================================================
 
 The nbdist side runs in this process, like a notebook kernel: torch and nbdist are
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import json
 import os
@@ -74,6 +78,12 @@ class Config:
     ship_bytes: int = GiB
     ship_pairs: int = 5
     import_runs: int = 11
+    pool_pairs: int = 5  # pool start vs a cold job
+    pool_warm_tasks: int = 4  # warm noop tasks after each start: 20 in all
+    pool_result_bytes: int = 256 * MiB
+    pool_result_pairs: int = 5
+    pool_failure_pairs: int = 5
+    pool_leak_tasks: int = 100
 
     @classmethod
     def make(cls, quick: bool) -> "Config":
@@ -81,7 +91,9 @@ class Config:
             return cls(quick=False)
         return cls(quick=True, launch_pairs=1, result_bytes=8 * MiB, result_pairs=1,
                    train_pairs=1, train_steps=2, log_lines=1000, log_pairs=1,
-                   ship_bytes=8 * MiB, ship_pairs=1, import_runs=1)
+                   ship_bytes=8 * MiB, ship_pairs=1, import_runs=1, pool_pairs=1,
+                   pool_warm_tasks=2, pool_result_bytes=8 * MiB, pool_result_pairs=1,
+                   pool_failure_pairs=1, pool_leak_tasks=10)
 
 
 @dataclass
@@ -180,6 +192,17 @@ def nbdist_job(fn, *args, sink: io.TextIOBase | None = None, keep: bool = False,
     if not keep:
         shutil.rmtree(job.dir, ignore_errors=True)
     return seconds, value, job
+
+
+def pool_task(pool, fn, *args, keep: bool = False, display: str = "none", **kwargs):
+    """``pool.run(fn, *args)`` as a notebook would; (seconds, value)."""
+    with contextlib.redirect_stdout(LineSink()):
+        start = time.perf_counter()
+        value = pool.run(fn, *args, display=display, **kwargs)
+        seconds = time.perf_counter() - start
+    if not keep:
+        shutil.rmtree(nbdist.last_job().dir, ignore_errors=True)
+    return seconds, value
 
 
 _noop: list[float] = []
@@ -434,6 +457,203 @@ def bench_track(cfg: Config) -> list[Row]:
                 lines[-5:] if proc.returncode == 0 else [f"exit {proc.returncode}"] + lines[-5:])]
 
 
+def bench_pool(cfg: Config) -> list[Row]:
+    """Warm pools (issue 12): one pool per start pair, the last one kept for the rest."""
+    rows, pool, warm = _pool_start_and_warm(cfg)
+    try:
+        rows += _pool_result(cfg, pool)
+        rows += _pool_after_failure(cfg, pool, warm)
+        rows += _pool_leaks(cfg, pool)
+    finally:
+        pool.close()
+    return rows
+
+
+def _pool_start_and_warm(cfg: Config):
+    """Pairs of (a cold noop job, a new pool's first noop task then warm noop tasks)."""
+    pools: list = []  # the pool of the latest pair, closed before the next measure
+
+    def close():
+        while pools:
+            pools.pop().close()
+
+    def cold():
+        close()
+        return noop_job_seconds() if cfg.quick else nbdist_job(workloads.noop)[0]
+
+    def pooled():
+        close()
+        start = time.perf_counter()
+        pools.append(nbdist.Pool(nprocs=2))
+        pool_task(pools[-1], workloads.noop, display="plain")  # as nbdist_job shows it
+        first = time.perf_counter() - start
+        warm = [pool_task(pools[-1], workloads.noop)[0] for _ in range(cfg.pool_warm_tasks)]
+        return first, warm
+
+    if not cfg.quick:  # both sides read torch's files from the page cache from now on
+        cold()
+        pooled()
+    cold_s, pooled_r = paired(cold, pooled, cfg.pool_pairs)
+    if not pools:  # the last pair ran its cold job last
+        pools.append(nbdist.Pool(nprocs=2))
+        pool_task(pools[-1], workloads.noop)
+    first = [f for f, _ in pooled_r]
+    warm_all = [w for _, ws in pooled_r for w in ws]
+    speedup = paired_ratio(cold_s, [median(ws) for _, ws in pooled_r])
+    start_ratio = paired_ratio(first, cold_s)
+    warm = median(warm_all)
+    cold_txt = f"{fmt_s(median(cold_s))} cold run_distributed noop"
+    rows = [
+        Row(f"noop task on a warm 2-rank pool (median of {len(warm_all)})", fmt_s(warm),
+            cold_txt, f"{1 / speedup:.4f}× ({speedup:.0f}× faster)",
+            "≤ 0.05 s; ≥ 30× faster", judge(warm <= 0.05 and speedup >= 30, cfg),
+            ["warm task ms, per pair: " + "; ".join(
+                ", ".join(f"{1000 * w:.0f}" for w in ws) for _, ws in pooled_r),
+             f"cold job s: {', '.join(f'{x:.2f}' for x in cold_s)}",
+             f"ratio of the medians: {median(cold_s) / warm:.0f}× faster"]),
+        Row(f"pool start: Pool() and its first noop task ({len(first)} pairs)",
+            fmt_s(median(first)), cold_txt, f"{start_ratio:.3f}×", "≤ 1.05×",
+            judge(start_ratio <= 1.05, cfg),
+            [f"pool start s: {', '.join(f'{x:.2f}' for x in first)}",
+             f"cold job s:   {', '.join(f'{x:.2f}' for x in cold_s)}",
+             f"ratio of the medians {median(first) / median(cold_s):.3f}×"]),
+    ]
+    return rows, pools[0], warm
+
+
+def _pool_result(cfg: Config, pool) -> list[Row]:
+    """A warm task returning a tensor, over the same task dropping it, vs save + load."""
+    nbytes = cfg.pool_result_bytes
+    tensor = torch.full((nbytes // 4,), 1.0)  # what rank 0 builds, for the manual side
+    read_s: list[float] = []
+
+    def manual():
+        with tempfile.TemporaryDirectory(prefix="nbdist-bench-", dir=_home()) as tmp:
+            path = Path(tmp) / "tensor.pt"
+            start = time.perf_counter()
+            torch.save(tensor, path)
+            loaded = torch.load(path)
+            seconds = time.perf_counter() - start
+        del loaded
+        return seconds
+
+    def task():
+        none_s = pool_task(pool, workloads.make_tensor, nbytes, False)[0]
+        ret_s, value = pool_task(pool, workloads.make_tensor, nbytes, True, keep=True)
+        start = time.perf_counter()  # bring every page in, as using the result would
+        value.view(torch.uint8)[::workloads.PAGE].sum()
+        read_s.append(time.perf_counter() - start)
+        assert value.numel() * value.element_size() == nbytes
+        del value
+        shutil.rmtree(nbdist.last_job().dir, ignore_errors=True)
+        return ret_s, none_s
+
+    if not cfg.quick:  # first writes of memory this VM has not used lately cost more
+        manual()
+        task()
+        del read_s[:]
+    manual_s, tasks = paired(manual, task, cfg.pool_result_pairs)
+    extra = [ret - none for ret, none in tasks]
+    ratio = median(extra) / median(manual_s)
+    size = f"{nbytes / MiB:g} MiB"
+    return [Row(
+        f"return a {size} tensor from a warm task: time over a noop task",
+        fmt_s(median(extra)), f"{fmt_s(median(manual_s))} torch.save + torch.load",
+        f"{ratio:.3f}×", "≤ 1.0×", judge(ratio <= 1.0, cfg),
+        [f"task returning it s: {', '.join(f'{r:.3f}' for r, _ in tasks)}",
+         f"same task, None s:   {', '.join(f'{n:.3f}' for _, n in tasks)}",
+         f"manual save + load s: {', '.join(f'{x:.3f}' for x in manual_s)}",
+         f"caller reading every page afterwards: "
+         f"{', '.join(f'{x:.3f}' for x in read_s)} s"])]
+
+
+def _pool_after_failure(cfg: Config, pool, warm: float) -> list[Row]:
+    """A noop task right after one that raised on rank 1, paired with one after a noop."""
+    from nbdist.pool import KEPT
+
+    failed_s: list[float] = []
+    kept: list[bool] = []
+
+    def after_failure():
+        start = time.perf_counter()
+        try:
+            with contextlib.redirect_stdout(LineSink()):
+                pool.run(workloads.fail_on, 1, display="none")
+            kept.append(False)  # it did not fail: the measure is void
+        except ValueError as exc:
+            kept.append(KEPT in getattr(exc, "__notes__", ()))
+        failed_s.append(time.perf_counter() - start)
+        shutil.rmtree(nbdist.last_job().dir, ignore_errors=True)
+        return pool_task(pool, workloads.noop)[0]
+
+    def after_noop():
+        pool_task(pool, workloads.noop)
+        return pool_task(pool, workloads.noop)[0]
+
+    after_s, plain_s = paired(after_failure, after_noop, cfg.pool_failure_pairs)
+    after = median(after_s)
+    ratio = paired_ratio(after_s, plain_s)
+    return [Row(
+        "noop task after a failed-but-healthy task (rank 1 raised, pool kept)",
+        fmt_s(after) + ("" if all(kept) else "; pool NOT kept"),
+        f"{fmt_s(median(plain_s))} after a noop task", f"{ratio:.2f}×", "≤ 0.2 s",
+        judge(all(kept) and after <= 0.2, cfg),
+        [f"after the failed task ms: {', '.join(f'{1000 * x:.0f}' for x in after_s)}",
+         f"after a noop task ms:     {', '.join(f'{1000 * x:.0f}' for x in plain_s)}",
+         f"the failed task itself (error, health check) ms: "
+         f"{', '.join(f'{1000 * x:.0f}' for x in failed_s)}; pool kept: {kept}",
+         f"warm noop task of the start pairs: {fmt_s(warm)}"])]
+
+
+def _pool_leaks(cfg: Config, pool) -> list[Row]:
+    """What ``pool_leak_tasks`` warm tasks leave in this process (folders kept: nbdist
+    prunes them, as for a user)."""
+    for _ in range(5):  # warm up caches (imports, the first job folders)
+        pool_task(pool, workloads.noop, keep=True)
+    gc.collect()
+    before = _footprint()
+    times = [pool_task(pool, workloads.noop, keep=True)[0] for _ in range(cfg.pool_leak_tasks)]
+    gc.collect()
+    after = _footprint()
+    fds = after["fds"] - before["fds"]
+    threads = after["threads"] - before["threads"]
+    new = sorted(after["processes"] - before["processes"])
+    gone = sorted(before["processes"] - after["processes"])
+    rss = (after["rss_kib"] - before["rss_kib"]) / 1024
+    n = cfg.pool_leak_tasks
+    return [Row(
+        f"{n} warm noop tasks back to back: what stays behind in the caller",
+        f"{fds:+d} fds, {threads:+d} threads, {len(new):+d} processes, RSS {rss:+.1f} MiB",
+        "—", "—", "0 fds/threads/processes, RSS ≤ +5 MiB",
+        judge(fds <= 0 and threads <= 0 and not new and not gone and rss <= 5, cfg),
+        [f"before: {before['fds']} fds, {before['threads']} threads, "
+         f"{len(before['processes'])} processes (torchrun's agent and its ranks), "
+         f"RSS {before['rss_kib'] / 1024:.0f} MiB; after: {after['fds']} fds, "
+         f"{after['threads']} threads, {len(after['processes'])} processes, "
+         f"RSS {after['rss_kib'] / 1024:.0f} MiB",
+         f"new processes {new}, gone {gone}",
+         f"{n} tasks in {sum(times):.2f} s, median {fmt_s(median(times))}, "
+         f"slowest {fmt_s(max(times))}"])]
+
+
+def _footprint() -> dict:
+    """This process's open fds, threads, descendant processes and resident size."""
+    return {"fds": len(os.listdir("/proc/self/fd")),
+            "threads": workloads._status_kib("Threads"),  # a count, not KiB
+            "processes": set(_descendants(os.getpid())),
+            "rss_kib": workloads._status_kib("VmRSS")}
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    with contextlib.suppress(OSError):  # a process that just exited
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                for child in map(int, f.read().split()):
+                    found += [child, *_descendants(child)]
+    return found
+
+
 BENCHES = {
     "launch": bench_launch,
     "result": bench_result,
@@ -442,6 +662,7 @@ BENCHES = {
     "ship": bench_ship,
     "import": bench_import,
     "track": bench_track,
+    "pool": bench_pool,
 }
 
 

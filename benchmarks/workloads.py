@@ -52,6 +52,25 @@ def make_state(nbytes: int, give_back: bool, tensors: int = 32):
     return state if give_back else None
 
 
+def make_tensor(nbytes: int, give_back: bool):
+    """Rank 0 builds one float32 tensor of ``nbytes``; returned when ``give_back``.
+
+    The pool's result measure: the task dropping it is the baseline of the one
+    returning it, as for :func:`make_state`.
+    """
+    if dist.get_rank() != 0:
+        return None
+    tensor = torch.full((nbytes // 4,), 1.0)
+    return tensor if give_back else None
+
+
+def fail_on(rank: int) -> str:
+    """Raise on ``rank`` only, while the others finish: a failed but healthy task."""
+    if dist.get_rank() == rank:
+        raise ValueError(f"rank {rank} fails on purpose (benchmark)")
+    return "finished"
+
+
 def touch(tensor: torch.Tensor | None, smaps: bool = False) -> dict:
     """Read one element per memory page of ``tensor``; report how it is held in memory.
 
@@ -66,8 +85,12 @@ def touch(tensor: torch.Tensor | None, smaps: bool = False) -> dict:
     out["checksum"] = int(flat[::PAGE].sum())
     out["touch_s"] = time.perf_counter() - start
     if smaps:
+        # every rank holds the touched pages while any reads its Pss: without the
+        # barriers, a rank that is ahead sees them as its own alone (a quick-mode flake)
+        dist.barrier()
         out.update(_mapping_usage("payload.pt"))
         out["rss_anon_kib"] = _status_kib("RssAnon")
+        dist.barrier()
         if out["mapped_file"]:  # list the job folder now: the payload is deleted after
             folder = Path(out["mapped_file"]).parent
             out["job_files"] = {p.name: p.stat().st_size for p in folder.iterdir()
@@ -146,8 +169,8 @@ def convnet_throughput(steps: int, warmup: int = 3, batch: int = 64) -> dict:
             "step_cpu_ms": 1000 * sorted(cpu)[len(cpu) // 2]}
 
 
-WORKLOADS = {f.__name__: f for f in (noop, print_lines, make_state, touch,
-                                     convnet_throughput)}
+WORKLOADS = {f.__name__: f for f in (noop, print_lines, make_state, make_tensor, fail_on,
+                                     touch, convnet_throughput)}
 
 
 def _main(argv: list[str]) -> None:

@@ -10,13 +10,19 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from helpers import REPO
 
 MEASURES = ("cold launch", "return a 8 MiB state dict: time", "caller's peak memory",
             "training throughput", "rank-0 log lines", "shipped to 2 ranks",
-            "import nbdist")
+            "import nbdist",
+            # the pool group (issue 12)
+            "noop task on a warm 2-rank pool", "pool start", "tensor from a warm task",
+            "after a failed-but-healthy task", "warm noop tasks back to back")
 
 
+@pytest.mark.slow
 def test_quick_benchmarks_run_and_print_the_table(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
@@ -35,3 +41,7 @@ def test_quick_benchmarks_run_and_print_the_table(tmp_path):
     assert logs["nbdist"].startswith("100 %"), logs  # every line delivered
     ship = next(r for m, r in rows.items() if "shipped" in m)
     assert "written once" in ship["nbdist"] and "pages shared" in ship["nbdist"], ship
+    failed = next(r for m, r in rows.items() if "failed-but-healthy" in m)
+    assert "NOT kept" not in failed["nbdist"], failed  # the health check kept the pool
+    leaks = next(r for m, r in rows.items() if "back to back" in m)
+    assert "+0 processes" in leaks["nbdist"], leaks  # the pool's 3 processes, no more

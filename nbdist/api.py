@@ -33,6 +33,9 @@ from nbdist.launcher import Launch, entry_script
 from nbdist.states import NOT_JOINED, REPORTED, EventKind, JobState, RankState
 
 DEFAULT_INIT_TIMEOUT = 300.0
+# seconds without progress (no event but heartbeats, no output) after which a job
+# whose rank waits in a collective is reported as stalled, once
+DEFAULT_STALL_WARNING = 120.0
 POLL = 0.05  # seconds between looks at the job while it runs
 FIRST_POLL = 0.001  # the first looks, doubling up to POLL
 
@@ -58,7 +61,8 @@ def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
                     backend: str | None = None, timeout: float | None = None,
                     init_timeout: float | None = DEFAULT_INIT_TIMEOUT,
                     env: dict[str, str] | None = None, return_all: bool = False,
-                    display: str = "auto", all_ranks: bool = False, **kwargs: Any) -> Any:
+                    display: str = "auto", all_ranks: bool = False,
+                    stall_warning: float | None = DEFAULT_STALL_WARNING, **kwargs: Any) -> Any:
     """Run ``fn(*args, **kwargs)`` on every rank of a torchrun job; return rank 0's value.
 
     The default process group is initialised before ``fn`` runs and destroyed after;
@@ -87,6 +91,9 @@ def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
         display: ``"auto"`` (widgets in a notebook, rich in a terminal, else plain),
             ``"notebook"``, ``"terminal"``, ``"plain"`` or ``"none"``.
         all_ranks: stream every rank's output, prefixed ``[rank N]`` (default: rank 0's).
+        stall_warning: seconds without progress (no ``track``/``report`` event, no
+            output) after which, if a rank waits in a collective, the display warns
+            once with every rank's stack; the job goes on. ``None``: never.
 
     Returns:
         rank 0's return value (``return_all``: all of them), tensors on the CPU and
@@ -102,6 +109,7 @@ def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
     """
     plan = plan_job(fn, nprocs=nprocs, gpus=gpus, backend=backend, timeout=timeout,
                     init_timeout=init_timeout)
+    check_seconds("stall_warning", stall_warning)
     view = displays.create(display, all_ranks=all_ranks)
     prune_jobs()
     job_dir = JobDir.create()
@@ -112,7 +120,8 @@ def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
     try:
         remember(job)
         view.start(job)
-        supervise(launch, job, view, timeout=plan.timeout, init_timeout=plan.init_timeout)
+        supervise(launch, job, view, timeout=plan.timeout, init_timeout=plan.init_timeout,
+                  stall_warning=stall_warning)
         if launch.poll() != 0:
             job.status = JobState.FAILED
             raise diagnose(job, launch.poll())
@@ -331,9 +340,11 @@ def worker_env(plan: Plan, extra: dict[str, str] | None) -> dict[str, str]:
 
 def supervise(launch: Launch, job: Job, view: displays.Display, *,
                timeout: float | None, init_timeout: float | None,
-               until: Callable[[], bool] | None = None) -> None:
+               until: Callable[[], bool] | None = None,
+               stall_warning: float | None = None) -> None:
     """Follow ``job`` until torchrun exits or ``until()`` holds; raise on timeouts
-    (after killing everything, with every rank's stack in the error).
+    (after killing everything, with every rank's stack in the error); warn once when
+    the job stalls in a collective (``stall_warning``).
 
     ``job`` may be a pool's task: its folder has the task's events and logs.
     """
@@ -344,15 +355,19 @@ def supervise(launch: Launch, job: Job, view: displays.Display, *,
     logs = {r: LogFollower(job_dir.log(r)) for r in shown}
     started = time.monotonic()
     interval = FIRST_POLL
+    stall = _StallWatch(launch, view, stall_warning)
 
     def pump(final: bool = False) -> None:
         for event in events.poll():
             _apply(event, job, launch)
             view.event(event)
+            if event.kind != EventKind.HEARTBEAT:
+                stall.progress()
         for rank, follower in logs.items():
             text = follower.read(final)
             if text:
                 view.output(rank, text)
+                stall.progress()
 
     def stop(error: Callable[..., BaseException], limit: float) -> BaseException:
         where = _stacks(launch)  # before the kill: where each rank is stuck
@@ -372,6 +387,7 @@ def supervise(launch: Launch, job: Job, view: displays.Display, *,
                 pump(final=True)  # an outcome is written after the rank's last output
                 return
             view.tick()  # redraw the clock between events (the display throttles itself)
+            stall.check()
             elapsed = time.monotonic() - started
             if timeout is not None and elapsed > timeout:
                 raise stop(_timeout_error, timeout)
@@ -383,6 +399,39 @@ def supervise(launch: Launch, job: Job, view: displays.Display, *,
             interval = min(POLL, interval * 2)
     finally:
         _running = None
+
+
+class _StallWatch:
+    """Warns once when no rank made progress for ``seconds`` and one waits in a
+    collective: the likeliest hang in DDP (a rank skipped a collective, or is still
+    in its data loader). Nothing is killed."""
+
+    def __init__(self, launch: Launch, view: displays.Display, seconds: float | None):
+        self.launch = launch
+        self.view = view
+        self.seconds = seconds
+        self.last = time.monotonic()
+        self.warned = False
+
+    def progress(self) -> None:
+        self.last = time.monotonic()
+
+    def check(self) -> None:
+        quiet = time.monotonic() - self.last
+        if self.seconds is None or self.warned or quiet < self.seconds:
+            return
+        self.last = time.monotonic()  # look again after as long, if not now
+        dumps = rankstacks.collect(self.launch, dict(self.launch.worker_pids))
+        waiting = [r for r, dump in sorted(dumps.items())
+                   if rankstacks.in_collective(rankstacks.main_thread(dump))]
+        if not waiting:
+            return
+        self.warned = True
+        self.view.notice(
+            f"[nbdist] no rank has made progress for {quiet:.0f}s and rank(s) "
+            f"{', '.join(map(str, waiting))} wait in a collective: the job may be stuck "
+            f"(a rank that skipped a collective, or one still loading data). It goes on; "
+            f"where each rank is:\n{rankstacks.report(dumps)}")
 
 
 def _apply(event, job: Job, launch: Launch) -> None:

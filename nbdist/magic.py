@@ -151,6 +151,9 @@ def _make_magic(shell):
     @argument("--all-ranks", action="store_true",
               help="stream every rank's output, prefixed [rank N] (default: rank 0's)")
     @argument("--quiet", action="store_true", help="no live output")
+    @argument("--stall-warning", type=float, metavar="SECONDS",
+              help="warn once when no rank progressed this long and one waits in a "
+                   "collective (default 120; 0: never)")
     @argument("--fresh", action="store_true",
               help="a cold job even while a pool is up (%%distributed start)")
     def distributed(line: str, cell: str) -> None:
@@ -222,8 +225,13 @@ def _job_options(args, usage: str) -> dict[str, Any]:
         api.plan_job(run_cell, init_timeout=api.DEFAULT_INIT_TIMEOUT, **shape)
     except InvalidArgumentError as exc:
         raise UsageError(f"{usage}%%distributed: {_as_options(str(exc))}") from None
+    if args.stall_warning is not None and args.stall_warning < 0:
+        raise UsageError(f"{usage}%%distributed: --stall-warning takes seconds (0: never), "
+                         f"got {args.stall_warning:g}")
+    stall = {None: api.DEFAULT_STALL_WARNING, 0: None}.get(args.stall_warning,
+                                                           args.stall_warning)
     return {**shape, "display": "none" if args.quiet else "auto",
-            "all_ranks": args.all_ranks}
+            "all_ranks": args.all_ranks, "stall_warning": stall}
 
 
 _KEYWORD = re.compile(r"\b(nprocs|gpus|backend|timeout|init_timeout)=(?:'([^']*)'|([^\s,;)]+))")

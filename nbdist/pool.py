@@ -106,10 +106,11 @@ class Pool:
 
     def run(self, fn: Callable, *args: Any, timeout: float | None = None,
             return_all: bool = False, display: str = "auto", all_ranks: bool = False,
-            **kwargs: Any) -> Any:
+            stall_warning: float | None = api.DEFAULT_STALL_WARNING, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` on every rank of the pool; return rank 0's value."""
         api.check_callable(fn)
         api.check_seconds("timeout", timeout)
+        api.check_seconds("stall_warning", stall_warning)
         view = displays.create(display, all_ranks=all_ranks)
         if not self.alive:
             self._restart_lost()
@@ -121,7 +122,7 @@ class Pool:
             view.start(job)
             self._wait_ready(view)
             self._post(task, return_all)
-            return self._outcome(job, view, timeout)
+            return self._outcome(job, view, timeout, stall_warning)
         except KeyboardInterrupt as exc:
             job.status = JobState.INTERRUPTED
             self._interrupted(job, exc)
@@ -266,7 +267,8 @@ class Pool:
         for fd in self._wake:
             os.write(fd, b"\0")
 
-    def _outcome(self, job: Job, view: displays.Display, timeout: float | None) -> Any:
+    def _outcome(self, job: Job, view: displays.Display, timeout: float | None,
+                 stall_warning: float | None) -> Any:
         first_failure: list[float] = []
 
         def over() -> bool:
@@ -280,7 +282,7 @@ class Pool:
 
         try:
             api.supervise(self._launch, job, view, timeout=timeout, init_timeout=None,
-                          until=over)
+                          until=over, stall_warning=stall_warning)
         except NbdistError as exc:  # a timeout: everything is killed already
             self._teardown(exc)
             raise

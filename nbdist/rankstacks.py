@@ -126,6 +126,14 @@ def summary(frames: list[Frame]) -> str:
     return f"waiting in {inner.function} ({_short(inner.file)}:{inner.line}), at {user[0].where}"
 
 
+def in_collective(frames: list[Frame]) -> bool:
+    """The rank waits in torch.distributed (a collective) or in a DDP backward pass."""
+    inner = next((f for f in frames if not f.file.endswith(("threading.py", "queue.py"))),
+                 None)
+    return inner is not None and not inner.user and any(
+        part in inner.file for part in ("torch/distributed/", "torch/autograd/"))
+
+
 def report(dumps: dict[int, str]) -> str:
     """Every rank's place, the user's frames first, then how many library frames."""
     lines = []

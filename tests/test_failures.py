@@ -309,3 +309,25 @@ def test_killed_torchrun_is_an_error_and_leaves_no_worker(nbdist_home, record_pr
     gone = wait_gone(worker_pids(job_dirs(nbdist_home)[-1]), 2)
     record_property("seconds_until_all_gone", round(gone, 2))
     assert gone < 2
+
+
+def rank1_late_to_the_barrier(seconds, progress):
+    if progress:  # a job that reports progress while it waits is not stalled
+        for _ in nbdist.track(range(int(seconds / 0.1)), desc="wait"):
+            time.sleep(0.1)
+    elif nbdist.rank() == 1:
+        time.sleep(seconds)
+    dist.barrier()
+    return "done"
+
+
+def test_a_stall_in_a_collective_is_said_once_and_the_job_goes_on(capsys):
+    assert nbdist.run_distributed(rank1_late_to_the_barrier, 5, False, nprocs=2,
+                                  display="plain", stall_warning=1.5) == "done"
+    out = capsys.readouterr().out
+    assert out.count("[nbdist] no rank has made progress for") == 1, out
+    assert "rank(s) 0 wait in a collective" in out
+    assert "rank 0: waiting in barrier" in out and "rank 1: at " in out
+    assert nbdist.run_distributed(rank1_late_to_the_barrier, 4, True, nprocs=2,
+                                  display="plain", stall_warning=1.5) == "done"
+    assert "no rank has made progress" not in capsys.readouterr().out

@@ -129,17 +129,17 @@ def test_options_map_to_run_distributed_arguments(kernel):
         nbdist.api.run_distributed = _fake
     """))
     try:
-        kernel.run(cell("distributed --nprocs 3 --timeout 2.5 --all-ranks --backend gloo",
-                        "fake = 0"))
+        kernel.run(cell("distributed --nprocs 3 --timeout 2.5 --all-ranks --backend gloo "
+                        "--stall-warning 0", "fake = 0"))
         kernel.run(cell("nbdist --quiet", "fake = 0"))
         calls = kernel.value("_calls")
     finally:
         kernel.run("nbdist.api.run_distributed = _real")
     assert calls == [
         {"nprocs": 3, "gpus": None, "backend": "gloo", "timeout": 2.5,
-         "display": "auto", "all_ranks": True},
+         "display": "auto", "all_ranks": True, "stall_warning": None},
         {"nprocs": None, "gpus": None, "backend": None, "timeout": None,
-         "display": "none", "all_ranks": False},
+         "display": "none", "all_ranks": False, "stall_warning": 120.0},
     ]
 
 

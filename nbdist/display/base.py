@@ -2,9 +2,10 @@
 
 The caller's supervision loop (``api.py``) feeds a display, from one thread:
 ``start`` with the :class:`~nbdist.job.Job`, then ``output`` (text a rank printed),
-``event`` (status / progress / metrics from ``channel.py``) and ``tick`` (every poll,
-so a display can redraw its clock even when nothing happens), and at the end ``stop``
-with the final job record. Implementations: ``plain.py`` (prefixed lines),
+``event`` (status / progress / metrics from ``channel.py``), ``tick`` (every poll,
+so a display can redraw its clock even when nothing happens) and ``notice`` (a
+warning such as a stall, printed to stderr unless a display shows it its own way),
+and at the end ``stop`` with the final job record. Implementations: ``plain.py`` (prefixed lines),
 ``terminal.py`` (rich), ``notebook.py`` (ipywidgets); their heavy imports happen only
 when chosen (see ``__init__.create``).
 
@@ -15,6 +16,7 @@ display raises, logs it once and carries on with plain text.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
@@ -44,11 +46,22 @@ class Display:
     def tick(self) -> None:
         """Called at every poll of the supervision loop; redraw if something is due."""
 
+    def notice(self, text: str) -> None:
+        """Tell the user something about the job while it runs (a stall warning)."""
+        print(text, file=sys.stderr, flush=True)
+
     def stop(self, job: "Job") -> None:
         pass
 
     def abandon(self) -> None:
         """Give up the screen after an error (stop a rich Live, ...); must not raise."""
+
+
+class Silent(Display):
+    """``display="none"``: shows nothing, not even notices."""
+
+    def notice(self, text: str) -> None:
+        pass
 
 
 class GuardedDisplay(Display):
@@ -75,6 +88,9 @@ class GuardedDisplay(Display):
 
     def tick(self) -> None:
         self._call("tick")
+
+    def notice(self, text: str) -> None:
+        self._call("notice", text)
 
     def stop(self, job: "Job") -> None:
         self._call("stop", job)

@@ -119,6 +119,10 @@ class PlainDisplay(Display):
             self._failed_shown.add(rank.rank)
             self._line(f"rank {rank.rank} {rank.state}  {describe_failure(rank)}")
 
+    def notice(self, text: str) -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
     def _line(self, text: str) -> None:
         self.stream.write(f"[nbdist] {text}\n")
         self.stream.flush()

@@ -62,7 +62,8 @@ def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
                     init_timeout: float | None = DEFAULT_INIT_TIMEOUT,
                     env: dict[str, str] | None = None, return_all: bool = False,
                     display: str = "auto", all_ranks: bool = False,
-                    stall_warning: float | None = DEFAULT_STALL_WARNING, **kwargs: Any) -> Any:
+                    stall_warning: float | None = DEFAULT_STALL_WARNING,
+                    debug: bool = False, **kwargs: Any) -> Any:
     """Run ``fn(*args, **kwargs)`` on every rank of a torchrun job; return rank 0's value.
 
     The default process group is initialised before ``fn`` runs and destroyed after;
@@ -94,6 +95,8 @@ def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
         stall_warning: seconds without progress (no ``track``/``report`` event, no
             output) after which, if a rank waits in a collective, the display warns
             once with every rank's stack; the job goes on. ``None``: never.
+        debug: torch's collective checks (``TORCH_DISTRIBUTED_DEBUG=DETAIL``): ranks
+            that call different collectives fail at once, and the error says which.
 
     Returns:
         rank 0's return value (``return_all``: all of them), tensors on the CPU and
@@ -110,6 +113,7 @@ def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
     plan = plan_job(fn, nprocs=nprocs, gpus=gpus, backend=backend, timeout=timeout,
                     init_timeout=init_timeout)
     check_seconds("stall_warning", stall_warning)
+    env = debug_env(env, debug)
     view = displays.create(display, all_ranks=all_ranks)
     prune_jobs()
     job_dir = JobDir.create()
@@ -176,6 +180,11 @@ def check_callable(fn: Any) -> None:
     if not callable(fn):
         raise InvalidArgumentError(
             f"run_distributed needs a function to run, got {type(fn).__name__} {fn!r}")
+
+
+def debug_env(env: dict[str, str] | None, debug: bool) -> dict[str, str] | None:
+    """``env`` plus torch's collective checks when ``debug``."""
+    return {**(env or {}), "TORCH_DISTRIBUTED_DEBUG": "DETAIL"} if debug else env
 
 
 def check_seconds(name: str, value: Any) -> None:

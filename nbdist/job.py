@@ -290,10 +290,29 @@ def rebuild_exception(record: dict, job: Job) -> BaseException:
                           traceback=record["traceback"])
     exc.__cause__ = RemoteTraceback(
         f"\n\nTraceback on {where}:\n\"\"\"\n{record['traceback']}\"\"\"")
+    mismatch = _mismatched_collectives(record["message"])
+    if mismatch:
+        exc.add_note(mismatch)
     exc.nbdist_rank = rank  # type: ignore[attr-defined]
     exc.nbdist_traceback = record["traceback"]  # type: ignore[attr-defined]
     exc.add_note(f"[nbdist] raised on {where}; logs in {job.dir}")
     return exc
+
+
+_FINGERPRINT = re.compile(r"Rank (\d+) is running collective: CollectiveFingerPrint\("
+                          r"SequenceNumber=(\d+),? ?OpType=(\w+)(?:, TensorShape=\[([^\]]*)\])?")
+
+
+def _mismatched_collectives(message: str) -> str | None:
+    """torch's DETAIL report of mismatched collectives, in one readable line."""
+    if "Detected mismatch between collectives" not in message:
+        return None
+    calls = [f"rank {rank} called {op.lower()} (collective #{seq}"
+             + (f", tensor shape [{shape}])" if shape is not None else ")")
+             for rank, seq, op, shape in _FINGERPRINT.findall(message)]
+    return ("[nbdist] the ranks called different collectives: " + "; ".join(calls)
+            + ". Every rank must call the same collectives in the same order (a "
+            "collective under `if rank == 0:` is the usual cause).") if calls else None
 
 
 def _crash_error(job: Job, rank: int) -> WorkerCrashedError:

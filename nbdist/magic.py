@@ -77,6 +77,8 @@ def _make_pool_magic():
     @argument("--backend", help="process group backend (start)")
     @argument("--persist", action="store_true",
               help="each rank keeps its cell namespace between cells (start)")
+    @argument("--debug", action="store_true",
+              help="torch's collective checks, TORCH_DISTRIBUTED_DEBUG=DETAIL (start)")
     def distributed(line: str) -> None:
         """A warm pool for this kernel: ``%%distributed`` cells then run on its ranks.
 
@@ -95,6 +97,7 @@ def _make_pool_magic():
             raise UsageError(f"%distributed start: a pool is already up ({_pool!r}); "
                              f"use %distributed restart or stop")
         if args.action in ("start", "restart"):
+            shape["debug"] = args.debug
             options = ({**_pool.options, "persist": _pool.persist}
                        if args.action == "restart" and _pool is not None
                        and not any(shape.values()) and not args.persist
@@ -154,6 +157,8 @@ def _make_magic(shell):
     @argument("--stall-warning", type=float, metavar="SECONDS",
               help="warn once when no rank progressed this long and one waits in a "
                    "collective (default 120; 0: never)")
+    @argument("--debug", action="store_true",
+              help="torch's collective checks (TORCH_DISTRIBUTED_DEBUG=DETAIL)")
     @argument("--fresh", action="store_true",
               help="a cold job even while a pool is up (%%distributed start)")
     def distributed(line: str, cell: str) -> None:
@@ -231,7 +236,7 @@ def _job_options(args, usage: str) -> dict[str, Any]:
     stall = {None: api.DEFAULT_STALL_WARNING, 0: None}.get(args.stall_warning,
                                                            args.stall_warning)
     return {**shape, "display": "none" if args.quiet else "auto",
-            "all_ranks": args.all_ranks, "stall_warning": stall}
+            "all_ranks": args.all_ranks, "stall_warning": stall, "debug": args.debug}
 
 
 _KEYWORD = re.compile(r"\b(nprocs|gpus|backend|timeout|init_timeout)=(?:'([^']*)'|([^\s,;)]+))")
@@ -285,6 +290,9 @@ def _check_pool_options(pool: Pool, options: dict[str, Any], usage: str) -> None
     try:
         check_options(pool, nprocs=options["nprocs"], gpus=options["gpus"],
                       backend=options["backend"])
+        if options["debug"] and not pool.options["debug"]:
+            raise InvalidArgumentError("the pool runs without torch's collective checks "
+                                       "(%distributed start --debug)")
     except InvalidArgumentError as exc:
         raise UsageError(f"{usage}%%distributed: {exc}: add --fresh for a cold job of "
                          f"that shape, or %distributed restart with those options") from None
@@ -295,7 +303,8 @@ def _launch(shell, cell: Cell, captured: dict[str, Any], options: dict[str, Any]
     """run_distributed (or the pool's run), with its errors made to look like the cell's."""
     try:
         if pool is not None:
-            task = {k: v for k, v in options.items() if k not in ("nprocs", "gpus", "backend")}
+            task = {k: v for k, v in options.items()
+                    if k not in ("nprocs", "gpus", "backend", "debug")}
             return pool.run(run_cell, cell, captured, **task)
         return api.run_distributed(run_cell, cell, captured, **options)
     except PicklingError as exc:

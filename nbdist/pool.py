@@ -78,12 +78,12 @@ class Pool:
     def __init__(self, nprocs: int | None = None, *,
                  gpus: int | str | Sequence[int] | None = None, backend: str | None = None,
                  env: dict[str, str] | None = None, persist: bool = False,
-                 init_timeout: float | None = api.DEFAULT_INIT_TIMEOUT):
+                 init_timeout: float | None = api.DEFAULT_INIT_TIMEOUT, debug: bool = False):
         self.plan = api.plan_launch(nprocs=nprocs, gpus=gpus, backend=backend,
                                     timeout=None, init_timeout=init_timeout)
         self.persist = persist
-        self.env = dict(env or {})
-        self.options = {"nprocs": nprocs, "gpus": gpus, "backend": backend}
+        self.env = dict(api.debug_env(env, debug) or {})
+        self.options = {"nprocs": nprocs, "gpus": gpus, "backend": backend, "debug": debug}
         self.tasks = 0  # tasks run on the current ranks
         self.kept_names: set[str] = set()  # persist: names the ranks' namespaces hold
         self._launch: Launch | None = None

@@ -98,6 +98,13 @@ def sleep_forever():
     time.sleep(600)
 
 
+def mismatched_collectives():
+    if nbdist.rank() == 0:
+        dist.all_reduce(torch.ones(3))
+    else:
+        dist.barrier()  # not what rank 0 calls: with debug=True torch says so at once
+
+
 def return_generator():
     return (i for i in range(3))
 
@@ -163,6 +170,9 @@ FAULTS = {
                                     nbdist.WorkerCrashedError, "SIGKILL", 0, 5),
     "unpicklable-result": (return_generator, (), {}, nbdist.PicklingError,
                            "generator", 0, 5),
+    "mismatched-collectives": (mismatched_collectives, (), {"debug": True}, RuntimeError,
+                               "the ranks called different collectives: rank 0 called "
+                               "allreduce (collective #0, tensor shape [3])", None, 5),
 }
 
 

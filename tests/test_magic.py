@@ -137,9 +137,9 @@ def test_options_map_to_run_distributed_arguments(kernel):
         kernel.run("nbdist.api.run_distributed = _real")
     assert calls == [
         {"nprocs": 3, "gpus": None, "backend": "gloo", "timeout": 2.5,
-         "display": "auto", "all_ranks": True, "stall_warning": None},
+         "display": "auto", "all_ranks": True, "stall_warning": None, "debug": False},
         {"nprocs": None, "gpus": None, "backend": None, "timeout": None,
-         "display": "none", "all_ranks": False, "stall_warning": 120.0},
+         "display": "none", "all_ranks": False, "stall_warning": 120.0, "debug": False},
     ]
 
 

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from nbdist.display.base import Display, GuardedDisplay, Silent
+from nbdist.display.base import Display, GuardedDisplay
 
 MODES = ("auto", "notebook", "terminal", "plain", "none")
 ENV_DISPLAY = "NBDIST_DISPLAY"
@@ -32,7 +32,7 @@ def create(mode: str = "auto", *, all_ranks: bool = False) -> Display:
 
     chosen = resolve(mode)
     if chosen == "none":
-        return Silent(all_ranks=all_ranks)
+        return Display(all_ranks=all_ranks)
     inner: Display | None = None
     if chosen == "notebook" and not in_jupyter_kernel():
         log.warning("nbdist: display='notebook' needs a Jupyter kernel; showing plain text")

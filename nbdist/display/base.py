@@ -4,8 +4,7 @@ The caller's supervision loop (``api.py``) feeds a display, from one thread:
 ``start`` with the :class:`~nbdist.job.Job`, then ``output`` (text a rank printed),
 ``event`` (status / progress / metrics from ``channel.py``), ``tick`` (every poll,
 so a display can redraw its clock even when nothing happens) and ``notice`` (a
-warning such as a stall, printed to stderr unless a display shows it its own way),
-and at the end ``stop`` with the final job record. Implementations: ``plain.py`` (prefixed lines),
+warning such as a stall), and at the end ``stop`` with the final job record. Implementations: ``plain.py`` (prefixed lines),
 ``terminal.py`` (rich), ``notebook.py`` (ipywidgets); their heavy imports happen only
 when chosen (see ``__init__.create``).
 
@@ -16,7 +15,6 @@ display raises, logs it once and carries on with plain text.
 from __future__ import annotations
 
 import logging
-import sys
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
@@ -48,20 +46,12 @@ class Display:
 
     def notice(self, text: str) -> None:
         """Tell the user something about the job while it runs (a stall warning)."""
-        print(text, file=sys.stderr, flush=True)
 
     def stop(self, job: "Job") -> None:
         pass
 
     def abandon(self) -> None:
         """Give up the screen after an error (stop a rich Live, ...); must not raise."""
-
-
-class Silent(Display):
-    """``display="none"``: shows nothing, not even notices."""
-
-    def notice(self, text: str) -> None:
-        pass
 
 
 class GuardedDisplay(Display):

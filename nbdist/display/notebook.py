@@ -22,6 +22,7 @@ the frontend send control requests mid-cell: see ``busy.py``.
 
 from __future__ import annotations
 
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -157,6 +158,9 @@ class NotebookDisplay(Display):
         bundle["text/html"] = h.live_fallback_html(self.view)
         bundle["text/plain"] = h.live_fallback_text(self.view)
         self._publisher.show(bundle, self.display_id)
+
+    def notice(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)  # under the dashboard, in the output
 
     def output(self, rank: int, text: str) -> None:
         self._text.output(rank, text)

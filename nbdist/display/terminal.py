@@ -18,6 +18,7 @@ only (no refresh thread: nothing else reads the state while it changes).
 from __future__ import annotations
 
 import math
+import sys
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -75,6 +76,9 @@ class TerminalDisplay(Display):
                           transient=False)
         self._live.start()
         self._last_render = self._clock()
+
+    def notice(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)  # under the dashboard, in the output
 
     def output(self, rank: int, text: str) -> None:
         buffer = self._lines.get(rank)

@@ -145,7 +145,7 @@ class CallerStamps:
         self._wrap(api, "write_payload", "pack")
         self._wrap(api.Launch, "__init__", "Popen torchrun")
         self._wrap(api, "supervise", "supervise (poll until torchrun exits)")
-        self._wrap(api, "read_results", "read result")
+        self._wrap(job_mod.Job, "take_result", "read result")
         self._wrap(api.Launch, "kill", "Launch.kill")
         self._wrap(job_mod.Job, "save", "job.save")
 

@@ -27,7 +27,7 @@ from nbdist import display as displays
 from nbdist import frameworks, payload, rankstacks
 from nbdist.channel import ChannelReader, LogFollower
 from nbdist.errors import InitTimeoutError, InvalidArgumentError, JobTimeoutError
-from nbdist.job import Job, RankStatus, diagnose, prune_jobs, read_results
+from nbdist.job import Job, RankStatus, diagnose, prune_jobs
 from nbdist.jobdir import JobDir, tail, write_json_atomic
 from nbdist.launcher import Launch, entry_script
 from nbdist.states import NOT_JOINED, REPORTED, EventKind, JobState, RankState
@@ -129,17 +129,12 @@ def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
         if launch.poll() != 0:
             job.status = JobState.FAILED
             raise diagnose(job, launch.poll())
-        values = read_results(job_dir, list(range(plan.nprocs)) if return_all else [0])
-        job.status = JobState.SUCCEEDED
-        job.result_loaded = True
-        return values if return_all else values[0]
+        return job.take_result()
     except KeyboardInterrupt:
         job.status = JobState.INTERRUPTED
         raise
     except BaseException as exc:
-        if job.status == JobState.RUNNING:
-            job.status = JobState.FAILED
-        job.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        job.fail(exc)
         raise
     finally:
         launch.kill()

@@ -25,6 +25,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from nbdist import payload
 from nbdist.errors import (LaunchError, PicklingError, RemoteError, RemoteTraceback,
@@ -68,6 +69,20 @@ class Job:
     error: str | None = None  # one line: the exception the caller saw
     result_loaded: bool = False
     pool: str | None = None  # the pool's id, for a task of a warm pool
+
+    def take_result(self) -> Any:
+        """The value the caller returns: rank 0's, or every rank's with ``return_all``."""
+        ranks = list(range(self.nprocs)) if self.return_all else [0]
+        values = read_results(JobDir(self.dir), ranks)
+        self.status = JobState.SUCCEEDED
+        self.result_loaded = True
+        return values if self.return_all else values[0]
+
+    def fail(self, exc: BaseException) -> None:
+        """Record the exception the caller is about to see."""
+        if self.status == JobState.RUNNING:
+            self.status = JobState.FAILED
+        self.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
 
     def mark_stopped(self) -> None:
         """Once its processes are gone: a rank that had not finished was killed."""

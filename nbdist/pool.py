@@ -128,9 +128,7 @@ class Pool:
             self._interrupted(job, exc)
             raise
         except BaseException as exc:
-            if job.status == JobState.RUNNING:
-                job.status = JobState.FAILED
-            job.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            job.fail(exc)
             raise
         finally:
             task.payload.unlink(missing_ok=True)
@@ -293,11 +291,7 @@ class Pool:
             self._wait_reported(job, view, INTERRUPT_GRACE)
         self.tasks += 1
         if _all(job, RankState.DONE):
-            ranks = list(range(self.nprocs)) if job.return_all else [0]
-            values = read_results(JobDir(job.dir), ranks)
-            job.status = JobState.SUCCEEDED
-            job.result_loaded = True
-            return values if job.return_all else values[0]
+            return job.take_result()
         job.status = JobState.FAILED
         exc = diagnose(job, None)
         if self._launch.poll() is not None:

@@ -4,12 +4,15 @@ A cold job's rank serves one call and exits; a pool's rank joins once and serves
 task after another (each in its own job folder), as loky's ``_process_worker`` does.
 Outcome of a rank, as the caller reads it back from the job (or task) directory:
 
-* success      → ``result-rank-N.pt`` (rank 0, or every rank with ``return_all``)
-* an exception → ``error-rank-N.pkl`` (the exception, its traceback, rank, time), exit 1
+* success      → ``result-rank-N.pt`` and one ``result-rank-N.NAME.pt`` per value
+                 (rank 0, or every rank with ``return_all``; ``payload.Outputs``)
+* an exception → ``error-rank-N.pkl`` (the exception, its traceback, rank, time)
 * a crash      → nothing; torchrun's agent records the exit code or signal
 
-Failing ranks exit at once instead of tearing the process group down politely: the
-peers may be stuck in a collective, and torchrun's agent kills them when one rank dies.
+A cold job's failing rank exits at once instead of tearing the process group down
+politely: the peers may be stuck in a collective, and torchrun's agent kills them
+when one rank dies. A pool's rank reports "failed" and waits for the next task; the
+caller decides whether the pool is still sound (``pool.py``).
 """
 
 from __future__ import annotations
@@ -66,6 +69,9 @@ def _exit_after_atexit() -> None:
     torch's C++ objects destroyed in the wrong order, pytorch#190489), which turned a
     finished job into a crash. The handlers the user's code registered still run.
     """
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:  # as the interpreter does: wait for non-daemon threads
+        shutdown()  # (an asynchronous checkpoint writer)
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -101,14 +107,14 @@ def _serve_pool(pool: JobDir, spec: dict, rank: int, channel: ChannelWriter) -> 
         _record_error(pool, rank, exc)
         _exit_now(channel, 1, error=type(exc).__name__)
     channel.status(RankState.READY)
+    # the caller's SIGINT is for the user's code only (_interruptible); arriving a
+    # moment late, it must not kill the rank in nbdist's own code
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     wake = os.open(pool.wake(rank), os.O_RDWR)  # RDWR: open never blocks, read never EOFs
     served = 0
     while True:
-        try:
-            os.read(wake, 4096)
-            task = json.loads(pool.task.read_text())
-        except KeyboardInterrupt:
-            continue  # an interrupt for a task that had just ended
+        os.read(wake, 4096)
+        task = json.loads(pool.task.read_text())
         if task["seq"] <= served:
             continue
         served = task["seq"]
@@ -116,6 +122,16 @@ def _serve_pool(pool: JobDir, spec: dict, rank: int, channel: ChannelWriter) -> 
             break
         _run_task(JobDir(task["dir"]), rank, task["return_all"], channel)
     os.close(wake)
+
+
+@contextlib.contextmanager
+def _interruptible() -> Any:
+    """While the user's function runs, SIGINT raises KeyboardInterrupt in it."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run_task(task: JobDir, rank: int, return_all: bool, pool_channel: ChannelWriter) -> None:
@@ -126,7 +142,8 @@ def _run_task(task: JobDir, rank: int, return_all: bool, pool_channel: ChannelWr
 
         def run() -> Any:
             fn, args, kwargs = _load_payload(task, rank)
-            return fn(*args, **kwargs)
+            with _interruptible():
+                return fn(*args, **kwargs)
 
         error = _run_and_record(task, rank, channel, run, save=rank == 0 or return_all)
     # after the log is complete: the caller reads an outcome as "all output is there"
@@ -191,7 +208,7 @@ def check_health() -> int:
     import torch
     import torch.distributed as dist
 
-    ones = torch.ones(1)
+    ones = torch.ones(1, device=runtime.device())  # nccl reduces GPU tensors only
     dist.all_reduce(ones)
     return int(ones.item())
 
@@ -337,7 +354,7 @@ def _exit_now(channel: ChannelWriter, code: int, **data: Any) -> None:
 
 
 def _dump_stacks_on_signal(path) -> None:
-    """On SIGUSR1, append every thread's Python stack to ``path`` (``stacks.py``).
+    """On SIGUSR1, append every thread's Python stack to ``path`` (``rankstacks.py``).
 
     faulthandler's handler is C code: it answers while the rank is stuck in C++ too
     (a collective, a data loader's queue), where no Python handler would run.

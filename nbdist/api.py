@@ -3,13 +3,14 @@
 ::
 
     run_distributed(fn, *args, nprocs=2)
-      │ _plan: check arguments, pick nprocs / devices / backend (nothing started yet)
+      │ plan_job: check arguments, pick nprocs / devices / backend (nothing started)
       │ _pack_and_launch: cloudpickle fn, args, kwargs into a fresh private job
       │   directory; torchrun starts once all is pickled, while tensor bytes are written
       ▼
     Launch (launcher.py): torchrun → every rank runs _worker.main (payload loaded)
       │ supervise: poll torchrun, stream rank logs and events to the display,
-      │             enforce timeout / init_timeout, kill everything on interrupt
+      │             enforce timeout / init_timeout (with every rank's stack), warn
+      │             on a stall; an interrupt kills everything (run_distributed's finally)
       ▼
     rank 0's result loaded from the job directory, or the root-cause exception raised
 """
@@ -174,7 +175,7 @@ def plan_job(fn: Callable, *, nprocs: int | None, gpus: int | str | Sequence[int
 def check_callable(fn: Any) -> None:
     if not callable(fn):
         raise InvalidArgumentError(
-            f"run_distributed needs a function to run, got {type(fn).__name__} {fn!r}")
+            f"nbdist needs a function to run on the ranks, got {type(fn).__name__} {fn!r}")
 
 
 def debug_env(env: dict[str, str] | None, debug: bool) -> dict[str, str] | None:

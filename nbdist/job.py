@@ -286,9 +286,16 @@ _COMMUNICATION = re.compile(
     r"socket (timeout|closed)|watchdog", re.IGNORECASE)
 
 
+_COMMUNICATION_TYPES = ("builtins.RuntimeError", "builtins.OSError",
+                        "builtins.ConnectionError", "builtins.ConnectionResetError",
+                        "builtins.BrokenPipeError", "builtins.TimeoutError", "torch.")
+
+
 def is_communication_error(record: dict) -> bool:
-    """True for an error of the communication layer (a peer's death seen from here)."""
-    return record["collective"] or bool(_COMMUNICATION.search(record["message"]))
+    """True for an error of the communication layer (a peer's death seen from here):
+    a DistError, or what torch raises as RuntimeError & co. with gloo's/NCCL's words."""
+    return record["collective"] or (record["type"].startswith(_COMMUNICATION_TYPES)
+                                    and bool(_COMMUNICATION.search(record["message"])))
 
 
 def rebuild_exception(record: dict, job: Job) -> BaseException:

@@ -13,7 +13,7 @@
         result-rank-N.NAME.pt  one value of it: the return value, or a cell's name
         error-rank-N.pkl   rank N's exception record
         failures.json      per-rank exit codes as torchrun's agent saw them
-        stacks-rank-N.txt  rank N's Python stacks, dumped on SIGUSR1 (stacks.py)
+        stacks-rank-N.txt  rank N's Python stacks, dumped on SIGUSR1 (rankstacks.py)
         job.json           the final :class:`Job` record
         task.json, wake-rank-N   a pool's: the task posted last, and the FIFO that
                            wakes rank N for it (each task has a job folder of its own)

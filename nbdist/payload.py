@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import linecache
 import marshal
@@ -86,9 +87,14 @@ def register_source(filename: str, lines: list[str]) -> None:
 
 
 def _is_ddp(obj: Any) -> bool:
+    return isinstance(obj, _ddp_class())
+
+
+@functools.cache
+def _ddp_class() -> type:
     from torch.nn.parallel import DistributedDataParallel
 
-    return isinstance(obj, DistributedDataParallel)
+    return DistributedDataParallel
 
 
 def _same(obj: Any) -> Any:
@@ -292,7 +298,10 @@ def unpicklable_error(what: str, named_values: Iterable[tuple[str, Any]],
 
 
 def to_cpu(obj: Any) -> Any:
-    """Move tensors and modules to the CPU and unwrap DDP, through common containers."""
+    """Move tensors to the CPU and unwrap DDP, through common containers.
+
+    Modules are left where they are: the caller loads their tensors onto the CPU.
+    """
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
@@ -301,7 +310,9 @@ def to_cpu(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu() if obj.device.type != "cpu" else obj
     if isinstance(obj, torch.nn.Module):
-        return obj.cpu()
+        # not obj.cpu(): that moves the rank's own model (a pool keeps using it);
+        # its tensors are loaded onto the CPU by the caller (map_location)
+        return obj
     if isinstance(obj, dict):
         return _map_dict(obj)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple

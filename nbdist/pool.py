@@ -40,7 +40,7 @@ from nbdist import display as displays
 from nbdist.errors import InvalidArgumentError, NbdistError
 from nbdist.job import Job, RankStatus, diagnose, prune_jobs, read_results
 from nbdist.jobdir import JobDir, write_json_atomic
-from nbdist.launcher import Launch
+from nbdist.launcher import Launch, is_rank_of
 from nbdist.states import REPORTED, JobState, RankState
 
 FAILURE_GRACE = 2.0  # seconds the other ranks get to finish once one rank failed
@@ -92,6 +92,7 @@ class Pool:
         self._wake: list[int] = []
         self._seq = 0
         self._idle_since = time.monotonic()
+        self.closed = False
         _open_pools.add(self)
         self._start()
 
@@ -109,6 +110,8 @@ class Pool:
             stall_warning: float | None = api.DEFAULT_STALL_WARNING, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` on every rank of the pool; return rank 0's value."""
         api.check_callable(fn)
+        if self.closed:
+            raise InvalidArgumentError("this pool is closed; make a new nbdist.Pool")
         api.check_seconds("timeout", timeout)
         api.check_seconds("stall_warning", stall_warning)
         view = displays.create(display, all_ranks=all_ranks)
@@ -158,6 +161,8 @@ class Pool:
 
         Idempotent; also called at interpreter exit.
         """
+        self.closed = True
+        _open_pools.discard(self)
         if self._launch is None:
             return
         if self.alive:
@@ -185,12 +190,18 @@ class Pool:
     # --- the pool's lifetime ---------------------------------------------------------
     def _start(self) -> None:
         pool = JobDir.create()
-        api.write_spec(pool, self.plan, False, pool=True, persist=self.persist)
-        self._wake = []
-        for rank in range(self.nprocs):
-            os.mkfifo(pool.wake(rank), 0o600)
-            # read-write: opening never blocks, and the FIFO never reports EOF
-            self._wake.append(os.open(pool.wake(rank), os.O_RDWR | os.O_NONBLOCK))
+        try:
+            api.write_spec(pool, self.plan, False, pool=True, persist=self.persist)
+            self._wake = []
+            for rank in range(self.nprocs):
+                os.mkfifo(pool.wake(rank), 0o600)
+                # read-write: opening never blocks, and the FIFO never reports EOF
+                self._wake.append(os.open(pool.wake(rank), os.O_RDWR | os.O_NONBLOCK))
+            self._launch = Launch(pool, self.nprocs, api.worker_env(self.plan, self.env))
+        except BaseException:
+            self._stop()
+            shutil.rmtree(pool.path, ignore_errors=True)
+            raise
         self._dir = pool
         self._ranks = Job(id=pool.id, dir=str(pool.path), nprocs=self.nprocs,
                           backend=self.plan.backend,
@@ -199,7 +210,6 @@ class Pool:
         self._seq = 0
         self.tasks = 0
         self.kept_names = set()
-        self._launch = Launch(pool, self.nprocs, api.worker_env(self.plan, self.env))
 
     def _restart_lost(self) -> None:
         """The ranks are gone (a crash between calls): start new ones, and say so."""
@@ -320,17 +330,18 @@ class Pool:
         if not _all(self._ranks, RankState.READY):  # still starting
             self._teardown(exc)
             return
-        self._signal(signal.SIGINT)
         try:
-            answered = self._wait_reported(job, displays.create("none"), INTERRUPT_GRACE)
-        except KeyboardInterrupt:
-            answered = False
-        if answered and self._healthy():
-            exc.add_note("[nbdist] every rank stopped its task; " + KEPT[9:])
-            return
-        where = rankstacks.report(rankstacks.collect(self._launch, dict(self._launch.worker_pids)))
-        if where:
-            exc.add_note(f"[nbdist] where the ranks were when they did not answer:\n{where}")
+            self._signal(signal.SIGINT)
+            if self._wait_reported(job, displays.create("none"), INTERRUPT_GRACE) \
+                    and self._healthy():
+                exc.add_note("[nbdist] every rank stopped its task; " + KEPT[9:])
+                return
+            dumps = rankstacks.collect(self._launch, dict(self._launch.worker_pids))
+            if dumps:
+                exc.add_note("[nbdist] where the ranks were when they did not answer:\n"
+                             + rankstacks.report(dumps))
+        except BaseException:  # stop pressed again: no more waiting
+            pass
         self._teardown(exc)
 
     def _wait_reported(self, job: Job, view: displays.Display, seconds: float) -> bool:
@@ -359,10 +370,10 @@ class Pool:
             shutil.rmtree(task.path, ignore_errors=True)
 
     def _signal(self, sig: signal.Signals) -> None:
-        for status in self._ranks.ranks:
-            if status.pid is not None:
+        for pid in self._launch.worker_pids.values():
+            if is_rank_of(pid, self._launch.job):  # not a stranger that reused the pid
                 with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(status.pid, sig)
+                    os.kill(pid, sig)
 
 
 def _reported(job: Job) -> bool:
@@ -375,16 +386,24 @@ def _all(job: Job, state: RankState) -> bool:
 
 
 def check_options(pool: Pool, *, nprocs: int | None, gpus: Any, backend: str | None) -> None:
-    """Raise if a call asks for another shape than the pool has."""
-    asked = api.plan_launch(nprocs=nprocs if nprocs is not None else pool.nprocs,
-                            gpus=gpus, backend=backend or pool.plan.backend,
-                            timeout=None, init_timeout=None)
+    """Raise if a call asks for another shape than the pool has (what it leaves out,
+    the pool decides)."""
     have = pool.plan
-    if (asked.nprocs, asked.device, asked.backend) != (have.nprocs, have.device, have.backend) \
-            or (gpus is not None and asked.visible_devices != have.visible_devices):
+    asked = []
+    if nprocs is not None and nprocs != have.nprocs:
+        asked.append(f"{nprocs} ranks")
+    if backend is not None and backend != have.backend:
+        asked.append(f"backend {backend}")
+    if gpus is not None:
+        wanted = api.plan_launch(nprocs=None, gpus=gpus, backend=None, timeout=None,
+                                 init_timeout=None)
+        if (wanted.visible_devices, wanted.nprocs) != (have.visible_devices, have.nprocs):
+            asked.append(f"GPUs {wanted.visible_devices}")
+    if asked:
+        where = f"GPUs {have.visible_devices}" if have.visible_devices else have.device
         raise InvalidArgumentError(
-            f"the pool has {have.nprocs} ranks on {have.device} ({have.backend}); this "
-            f"asks for {asked.nprocs} on {asked.device} ({asked.backend})")
+            f"the pool has {have.nprocs} ranks on {where} ({have.backend}); this asks "
+            f"for {', '.join(asked)}")
 
 
 @atexit.register

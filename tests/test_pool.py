@@ -99,6 +99,8 @@ def test_warm_tasks_keep_the_run_distributed_contract(nbdist_home):
         pool_dir = pool.status()["dir"]
     assert not pool.alive and not os.path.exists(pool_dir)  # close() removes its folder
     assert wait_gone(pids, 5) < 5
+    with pytest.raises(nbdist.InvalidArgumentError, match="this pool is closed"):
+        pool.run(whoami, display="none")
 
 
 def test_a_crash_a_stuck_collective_and_a_timeout_each_cost_the_pool(nbdist_home):
@@ -228,3 +230,28 @@ def test_a_hundred_warm_tasks_leak_nothing(nbdist_home, record_property):
         assert me.num_fds() <= fds and me.num_threads() <= threads
         assert len(me.children(recursive=True)) == 3  # torchrun's agent and 2 ranks
         assert grown <= 5, grown
+
+
+def test_a_cell_may_leave_out_what_the_pool_decides(monkeypatch):
+    """On a GPU pool, a cell without options (or with the pool's own) is fine."""
+    from types import SimpleNamespace
+
+    from nbdist import api
+    from nbdist.pool import check_options
+
+    monkeypatch.setattr(api, "_cuda_count", lambda: 2)
+    pool = SimpleNamespace(plan=api.plan_launch(nprocs=None, gpus=None, backend=None,
+                                                timeout=None, init_timeout=None))
+    assert (pool.plan.device, pool.plan.backend, pool.plan.nprocs) == ("cuda", "nccl", 2)
+    check_options(pool, nprocs=None, gpus=None, backend=None)
+    check_options(pool, nprocs=2, gpus=None, backend="nccl")
+    pool.plan = api.plan_launch(nprocs=None, gpus="0,1", backend=None, timeout=None,
+                                init_timeout=None)
+    check_options(pool, nprocs=None, gpus="0,1", backend=None)
+    for asked, said in ((dict(nprocs=1), "1 ranks"), (dict(gpus=[1]), "GPUs 1"),
+                        (dict(backend="gloo"), "backend gloo")):
+        options = {"nprocs": None, "gpus": None, "backend": None, **asked}
+        with pytest.raises(nbdist.InvalidArgumentError, match=f"the pool has 2 ranks on "
+                                                              f"GPUs 0,1 \\(nccl\\); "
+                                                              f"this asks for {said}"):
+            check_options(pool, **options)

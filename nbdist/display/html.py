@@ -1,20 +1,23 @@
 """The job dashboard as plain HTML and SVG strings (no widget library needed).
 
-Used live by ``notebook.py`` for the loss chart, the failure panel and the HTML that
-stands beside the live widgets, and at the end for the static copy of the whole
-dashboard that replaces the widgets, so the saved notebook still shows the outcome
-where widget state is not saved (nbviewer, GitHub).
+Used live by ``notebook.py`` for the loss chart, the failure panel, the per-rank log
+view and the HTML that stands beside the live widgets, and at the end for the static
+copy of the whole dashboard (with every rank's last log lines) that replaces the
+widgets, so the saved notebook still shows the outcome where widget state is not saved
+(nbviewer, GitHub).
 """
 
 from __future__ import annotations
 
 import html
 import math
+import re
 import time
+from pathlib import Path
 
-from nbdist.display.state import (LOG_SCALE_SPAN, JobView, RankView, describe_failure,
-                                  format_duration, format_metrics, format_value,
-                                  progress_text)
+from nbdist.display.state import (LOG_SCALE_SPAN, LOG_VIEW_LINES, JobView, RankView,
+                                  describe_failure, format_duration, format_metrics,
+                                  format_value, log_path, progress_text)
 from nbdist.states import JobState, RankState
 
 STATE_COLORS = {
@@ -29,6 +32,8 @@ JOB_COLORS = {JobState.RUNNING: "#1f6feb", JobState.SUCCEEDED: "#1a7f37",
 SERIES_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c")
 MONO = "font-family: var(--jp-code-font-family, monospace); font-size: 12px"
 NOWRAP = "white-space: nowrap; overflow: hidden; text-overflow: ellipsis; display: block"
+# colours and cursor moves of a rank's output: a terminal's business, noise in HTML
+ANSI = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|[@-Z\\-_])")
 
 
 def esc(text: object) -> str:
@@ -87,6 +92,45 @@ def failures_html(view: JobView) -> str:
         parts.append(f'<div style="margin-top:4px"><b style="color:#cf222e">'
                      f'{esc(title)}</b>{body}</div>')
     return "".join(parts)
+
+
+def log_text(text: str) -> str:
+    """A rank's output as HTML text: escaped, without terminal escape codes."""
+    return esc(ANSI.sub("", text))
+
+
+def log_view_html(rank: int, path: Path, text: str) -> str:
+    """The live per-rank log view: the followed rank's newest lines, scrolled to the end."""
+    body = log_text(text) if text else '<span style="color:#999">(nothing printed yet)</span>'
+    return (f'<div style="{MONO}; color:#666; {NOWRAP}" title="{esc(path)}">'
+            f'rank {rank}\'s output, live · last {LOG_VIEW_LINES} lines of '
+            f'{esc(path.name)}</div>'
+            # column-reverse: the box opens scrolled to its end, where the newest line is
+            f'<div style="max-height:16em; overflow:auto; display:flex; '
+            f'flex-direction:column-reverse; background:#f6f8fa; '
+            f'border-left:3px solid #1f6feb">'
+            f'<pre style="{MONO}; margin:0; padding:4px 6px; white-space:pre-wrap">'
+            f'{body}</pre></div>')
+
+
+def rank_logs_html(view: JobView, tails: dict[int, str]) -> str:
+    """The last lines of every rank's log, collapsed one ``<details>`` per rank."""
+    parts = []
+    for rank in view.ranks:
+        if rank.rank not in tails:
+            continue
+        text = tails[rank.rank]
+        count = text.count("\n") + 1 if text else 0
+        name = log_path(view.job, rank.rank).name
+        what = (f"last {count} line{'s' * (count != 1)} of {name}" if count
+                else f"nothing printed ({name} is empty)")
+        body = (f'<pre style="{MONO}; margin:2px 0 4px 16px; padding:4px 6px; '
+                f'max-height:18em; overflow:auto; background:#f6f8fa; '
+                f'white-space:pre-wrap">{log_text(text)}</pre>' if text else "")
+        parts.append(f'<details><summary style="{MONO}; cursor:pointer">rank {rank.rank} '
+                     f'{state_html(rank.state, view.label(rank))} · {what}</summary>'
+                     f'{body}</details>')
+    return f'<div style="margin-top:4px">{"".join(parts)}</div>' if parts else ""
 
 
 def chart_svg(view: JobView, width: int = 440, height: int = 120) -> str:
@@ -173,8 +217,11 @@ def bar_html(fraction: float | None, state: str) -> str:
             f'border-radius:2px"></div></div>')
 
 
-def dashboard_html(view: JobView) -> str:
-    """The whole dashboard as static HTML: what the saved notebook keeps."""
+def dashboard_html(view: JobView, logs: dict[int, str] | None = None) -> str:
+    """The whole dashboard as static HTML: what the saved notebook keeps.
+
+    ``logs``: the last lines of each rank's log, shown collapsed under the dashboard.
+    """
     rows = []
     for rank in view.ranks:
         fraction = rank.fraction()
@@ -186,10 +233,11 @@ def dashboard_html(view: JobView) -> str:
     table = ('<table style="border-collapse:collapse; margin:4px 0">'
              + "".join(rows) + "</table>")
     chart = chart_svg(view)
-    logs = (f'<div style="{MONO}; color:#666">logs: {esc(view.job.dir)}</div>'
-            if view.duration is not None else "")
+    folder = (f'<div style="{MONO}; color:#666">logs: {esc(view.job.dir)}</div>'
+              if view.duration is not None else "")
     return (f'<div class="nbdist-dashboard" style="border:1px solid #ddd; padding:6px">'
-            f'{header_html(view)}{table}{chart}{failures_html(view)}{logs}</div>')
+            f'{header_html(view)}{table}{chart}{failures_html(view)}{folder}'
+            f'{rank_logs_html(view, logs or {})}</div>')
 
 
 def live_fallback_text(view: JobView) -> str:

@@ -7,6 +7,12 @@
     rank 1  running  [██████░░░░]  epoch 2/3 › train 45/100 (45%) 12 it/s ETA 0:05  loss=0.30
     ╲__ loss chart of rank 0 (SVG)
     rank N failed: ... and the last lines of its log, when one fails
+    log of rank  [none] [0] [1]      ← pick a rank: its newest lines, followed live
+
+The log view reads only the picked rank's log (``rank-N.log``), at most every
+``RENDER_INTERVAL``, from where it last stopped, and keeps its last ``LOG_VIEW_LINES``
+lines. The frontend's click reaches the kernel mid-cell only where widget messages
+come on a subshell (JupyterLab 4.4+ with ipykernel 7+); elsewhere only after the cell.
 
 Rank 0's output goes to the cell's own output below the dashboard, as if printed
 there: the frontend redraws ``\\r`` progress lines (tqdm) in place, and the text is
@@ -14,7 +20,8 @@ saved with the notebook, none of it lost. While the job runs, the widgets' displ
 also carries an HTML and a text line saying which job runs, for frontends without
 widgets and for a notebook saved mid-run. When the job ends, the widgets are
 replaced in place (same display id) by a static HTML copy of the final dashboard with
-a text summary, so a saved notebook shows the outcome without widget state.
+a text summary, so a saved notebook shows the outcome without widget state; the copy
+keeps the last lines of every rank's log, collapsed one per rank.
 
 The kernel stays "busy" in JupyterLab for the whole job although the widgets make
 the frontend send control requests mid-cell: see ``busy.py``.
@@ -34,7 +41,8 @@ from nbdist.display import busy
 from nbdist.display import html as h
 from nbdist.display.base import RENDER_INTERVAL, Display
 from nbdist.display.plain import PlainDisplay
-from nbdist.display.state import JobView, RankView
+from nbdist.display.state import (LOG_TAIL_LINES, JobView, LogTail, RankView, log_path,
+                                  log_tail)
 from nbdist.states import EventKind, RankState
 
 if TYPE_CHECKING:
@@ -43,6 +51,8 @@ if TYPE_CHECKING:
 
 CHART_INTERVAL = 0.5  # seconds between redraws of the chart (a few KB of SVG each)
 CLOCK_INTERVAL = 1.0  # the elapsed time shows whole seconds
+PICKER_BUTTONS_MAX = 8  # more ranks than this are picked from a drop-down list
+NO_RANK = -1  # the picker's "none": no log followed
 
 
 class Publisher(Protocol):
@@ -117,6 +127,55 @@ class RankRow:
         self.metrics.value = h.metrics_html(rank)
 
 
+@dataclass
+class LogView:
+    """The per-rank log view: a rank picker above the followed rank's newest lines."""
+
+    picker: widgets.ToggleButtons | widgets.Dropdown  # value: a rank, or NO_RANK
+    label: widgets.HTML
+    bar: widgets.HBox  # the label and the picker
+    area: widgets.HTML  # the followed rank's lines; hidden while none is
+    box: widgets.VBox
+
+    @classmethod
+    def create(cls, nprocs: int) -> "LogView":
+        options = [("none", NO_RANK)] + [(str(r), r) for r in range(nprocs)]
+        if nprocs <= PICKER_BUTTONS_MAX:
+            picker = widgets.ToggleButtons(
+                options=options, value=NO_RANK,
+                tooltips=["follow no rank's log"]
+                + [f"follow rank {r}'s output as it runs" for r in range(nprocs)],
+                style={"button_width": "56px"})
+        else:
+            picker = widgets.Dropdown(options=options, value=NO_RANK,
+                                      layout=widgets.Layout(width="96px"))
+        picker.add_class("nbdist-log-picker")
+        _hear_clicks_mid_cell(picker)
+        label = widgets.HTML(f'<span style="{h.MONO}">log of rank</span>',
+                             layout=widgets.Layout(width="88px"))
+        area = widgets.HTML(layout=widgets.Layout(display="none"))
+        area.add_class("nbdist-log")
+        bar = widgets.HBox([label, picker], layout=widgets.Layout(align_items="center"))
+        box = widgets.VBox([bar, area], layout=widgets.Layout(margin="4px 0 0 0"))
+        return cls(picker, label, bar, area, box)
+
+
+def _hear_clicks_mid_cell(widget: widgets.Widget) -> None:
+    """Let the frontend's changes to ``widget`` reach the kernel while the cell runs.
+
+    JupyterLab sends them on a subshell, handled by a thread of its own; but ipykernel
+    (7.4) routes a comm's incoming messages to the subshell that last wrote on that
+    comm: for a widget created here, the cell's main shell, which is busy until the
+    job ends. Forgetting that route sends them back to the subshell they came on.
+    """
+    comm = getattr(widget, "comm", None)
+    lock = getattr(comm, "_reply_subshell_lock", None)
+    if lock is None:  # an ipykernel without that routing, or no kernel at all
+        return
+    with lock:
+        comm.__dict__.pop("_reply_subshell_id", None)
+
+
 _BAR_STYLES = {RankState.DONE: "success", RankState.FAILED: "danger",
                RankState.CRASHED: "danger", RankState.KILLED: "warning",
                RankState.STOPPED: "warning"}
@@ -138,6 +197,10 @@ class NotebookDisplay(Display):
         self._last_render = float("-inf")
         self._last_chart = float("-inf")
         self._closed = False
+        self._log: LogTail | None = None  # the followed rank's log
+        self._log_rank = NO_RANK
+        self._log_dirty = False
+        self._last_log_read = float("-inf")
 
     # --- the Display interface -------------------------------------------------------
     def start(self, job: "Job") -> None:
@@ -148,8 +211,10 @@ class NotebookDisplay(Display):
         self.rows = [RankRow.create(r.rank) for r in job.ranks]
         self.chart = widgets.HTML(layout=widgets.Layout(display="none"))
         self.failures = widgets.HTML()
+        self.logs = LogView.create(job.nprocs)
         self.box = widgets.VBox(
-            [self.header, *[row.box for row in self.rows], self.chart, self.failures],
+            [self.header, *[row.box for row in self.rows], self.chart, self.failures,
+             self.logs.box],
             layout=widgets.Layout(border="1px solid #ddd", padding="4px 8px", width="100%"))
         self._render()
         bundle = dict(self.box._repr_mimebundle_() or {})
@@ -179,8 +244,13 @@ class NotebookDisplay(Display):
     def tick(self) -> None:
         if self.view is None or self._closed:
             return
-        since = self._clock() - self._last_render
-        if (self._dirty and since >= RENDER_INTERVAL) or since >= CLOCK_INTERVAL:
+        now = self._clock()
+        if now - self._last_log_read >= RENDER_INTERVAL:
+            self._last_log_read = now
+            self._follow_log()
+        since = now - self._last_render
+        if ((self._dirty or self._log_dirty) and since >= RENDER_INTERVAL) \
+                or since >= CLOCK_INTERVAL:
             self._render()
 
     def stop(self, job: "Job") -> None:
@@ -189,9 +259,11 @@ class NotebookDisplay(Display):
             return
         self.view.finish(job)
         self._chart_dirty = True
+        self._follow_log()
         self._render(final=True)
         self._closed = True
-        self._publisher.update({"text/html": h.dashboard_html(self.view),
+        tails = {r: log_tail(log_path(job, r), LOG_TAIL_LINES) for r in range(job.nprocs)}
+        self._publisher.update({"text/html": h.dashboard_html(self.view, tails),
                                 "text/plain": h.dashboard_text(self.view)},
                                self.display_id)
         self._close_widgets()
@@ -218,10 +290,35 @@ class NotebookDisplay(Display):
             self.chart.value = svg
             self.chart.layout.display = "" if svg else "none"
         self.failures.value = h.failures_html(view)
+        if self._log_dirty:
+            self._log_dirty = False
+            area = self.logs.area
+            if self._log is None:
+                area.layout.display = "none"
+                area.value = ""
+            else:
+                area.value = h.log_view_html(self._log_rank, self._log.path, self._log.text)
+                area.layout.display = ""
+
+    def _follow_log(self) -> None:
+        """Read what the picked rank appended to its log (only that rank's)."""
+        # the picker's value is set by the frontend's comm, on another thread (a
+        # subshell): only read here, so the widgets change from this thread alone
+        rank = self.logs.picker.value
+        if rank is None:
+            rank = NO_RANK
+        if rank != self._log_rank:
+            self._log_rank = rank
+            self._log = None if rank == NO_RANK else LogTail(log_path(self.view.job, rank))
+            self._log_dirty = True
+        if self._log is not None and self._log.read():
+            self._log_dirty = True
 
     def _close_widgets(self) -> None:
         # the static copy replaced them on screen; free their models in the frontend
-        parts = [self.box, self.header, self.chart, self.failures]
+        logs = self.logs
+        parts = [self.box, self.header, self.chart, self.failures,
+                 logs.box, logs.bar, logs.label, logs.picker, logs.area]
         for row in self.rows:
             parts += [row.box, row.name, row.state, row.progress, row.info, row.metrics]
         for widget in parts:

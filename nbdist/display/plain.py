@@ -1,11 +1,13 @@
 """Plain text display, for pipes, CI logs and anything without widgets or a TTY.
 
 Rank 0's output is copied through unchanged; with ``all_ranks`` every rank's lines
-are prefixed ``[rank N]``. nbdist's own lines start with ``[nbdist]``: a rank's
-progress and metrics at most every ``PROGRESS_EVERY`` seconds (and when a loop that
-was reported mid-way ends), a line when a rank fails, and a summary at the end::
+are prefixed ``[rank N]``. nbdist's own lines start with ``[nbdist]``: every rank's
+progress and metrics, each rank's at most every ``PROGRESS_EVERY`` seconds (and when
+a loop that was reported mid-way ends), a line when a rank fails, and a summary at
+the end::
 
     [nbdist] rank 0 running  epoch 2/3 › train 45/100 (45%) 12.3 it/s ETA 0:05  loss=0.31
+    [nbdist] rank 1 running  epoch 2/3 › train 44/100 (44%) 12.1 it/s ETA 0:05  loss=0.30
     [nbdist] rank 1 failed  ValueError, exit code 1
     [nbdist] job 1a2b failed in 0:07 (2 ranks; logs: ~/.cache/nbdist/jobs/1a2b)
 """
@@ -72,8 +74,7 @@ class PlainDisplay(Display):
         if event.kind == EventKind.STATUS:
             self._show_failure(rank)
             return
-        if event.rank not in view.streamed:
-            return
+        # every rank's progress, whether its output is shown or not: each on its own clock
         now = self._clock()
         due = now - self._last_line.get(event.rank, now - PROGRESS_EVERY) >= PROGRESS_EVERY
         if event.kind == EventKind.PROGRESS:

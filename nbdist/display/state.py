@@ -13,12 +13,16 @@ which tests inject.
 
 from __future__ import annotations
 
+import codecs
 import math
+import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from nbdist.jobdir import JobDir
 from nbdist.states import FINAL, EventKind, JobState, RankState
 
 if TYPE_CHECKING:
@@ -26,6 +30,9 @@ if TYPE_CHECKING:
     from nbdist.job import Job
 
 LOG_TAIL_LINES = 15
+LOG_VIEW_LINES = 200  # lines a followed log keeps (the notebook's per-rank view)
+LOG_READ_MAX = 64 * 1024  # bytes read from a log at once: its end, when it grew more
+LOG_LINE_MAX = 1000  # characters of one log line kept, the rest cut off
 IDLE_AFTER = 30.0  # seconds without progress before an open bar is shown as idle
 SERIES_MAX_POINTS = 2000  # per metric, before the history is thinned to half
 SERIES_MAX_KEYS = 8
@@ -463,3 +470,68 @@ class LineBuffer:
     def flush(self) -> list[str]:
         rest, self._pending = collapse_cr(self._pending), ""
         return [rest] if rest else []
+
+
+def log_path(job: "Job", rank: int) -> Path:
+    """Where rank ``rank`` of ``job`` writes its output (a pool's task: the task's own)."""
+    return JobDir(job.dir).log(rank)
+
+
+class LogTail:
+    """The last ``max_lines`` lines of a log that is still growing, as a terminal shows them.
+
+    Each :meth:`read` reads only what was appended since the last one, and never more
+    than ``max_bytes``: a rank that printed more meanwhile (or a long log opened the
+    first time) is read from its last ``max_bytes``. Following a chatty rank thus costs
+    no more than a quiet one, and memory stays bounded.
+
+    ``tail = LogTail(path); tail.read(); tail.text`` → the newest lines, ``\r`` redraws
+    collapsed to their last state.
+    """
+
+    def __init__(self, path: Path, max_lines: int = LOG_VIEW_LINES,
+                 max_bytes: int = LOG_READ_MAX):
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self._lines: deque[str] = deque(maxlen=max_lines)
+        self._buffer = LineBuffer()
+        self._offset = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._mid_line = False  # read from the middle of a line: drop up to its end
+
+    @property
+    def text(self) -> str:
+        current = self._buffer.current
+        return "\n".join([*self._lines, current] if current else self._lines)
+
+    def read(self) -> bool:
+        """Take in what was appended; True when :attr:`text` changed."""
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size == self._offset:
+                    return False
+                skip = size < self._offset or size - self._offset > self.max_bytes
+                if skip:  # rewritten, or too much to read: start again from its end
+                    self._offset = max(0, size - self.max_bytes)
+                    self._lines.clear()
+                    self._buffer = LineBuffer()
+                    self._decoder.reset()
+                    self._mid_line = self._offset > 0
+                f.seek(self._offset)
+                data = f.read(size - self._offset)
+        except OSError:  # not written yet, or gone with its folder
+            return False
+        self._offset += len(data)
+        text = self._decoder.decode(data)
+        if self._mid_line:
+            newline = text.find("\n")
+            self._mid_line = newline < 0
+            text = text[newline + 1:] if newline >= 0 else ""
+        for line in self._buffer.feed(text):
+            self._lines.append(_cut(line))
+        return bool(data)
+
+
+def _cut(line: str) -> str:
+    return line if len(line) <= LOG_LINE_MAX else line[:LOG_LINE_MAX - 1] + "…"

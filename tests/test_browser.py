@@ -2,10 +2,13 @@
 
 Opens a notebook that trains a small DDP model with ``%%distributed``, ``track`` and
 ``report``, runs it, checks what the page shows mid-run (a progress bar per rank, the
-loss chart, rank 0's printed lines, the kernel busy) and after (the static summary
-that replaces the widgets; the kernel never shown idle while the cell ran), and takes
-a screenshot of the dashboard mid-run. With ``NBDIST_UPDATE_SCREENSHOT=1`` the
-screenshot is written to ``docs/dashboard.png``.
+loss chart, rank 0's printed lines, the kernel busy), switches the per-rank log view
+to rank 1 and waits for rank 1's printed lines in it, then checks what it shows after
+(the static summary that replaces the widgets, with every rank's last log lines; the
+kernel never shown idle while the cell ran). It takes two screenshots mid-run: the
+dashboard, and the dashboard following rank 1's log. With
+``NBDIST_UPDATE_SCREENSHOT=1`` they are written to ``docs/dashboard.png`` and
+``docs/dashboard-ranks.png``.
 
 Needs Debian's ``chromium`` (``apt-get install -y chromium``) and the ``jupyterlab``
 and ``playwright`` Python packages; skips, saying which is missing, without them.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -32,7 +36,9 @@ CHROMIUM = os.environ.get("NBDIST_CHROMIUM") or shutil.which("chromium") or "/us
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-DOCS_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "dashboard.png"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+DOCS_SCREENSHOT = DOCS / "dashboard.png"
+DOCS_RANKS_SCREENSHOT = DOCS / "dashboard-ranks.png"
 
 SETUP = """\
 import os
@@ -59,7 +65,7 @@ for epoch in track(range(4), desc="epoch"):
         opt.step()
         report(loss=loss, lr=0.02)
         time.sleep(0.05)
-    print(f"epoch {epoch}: loss {loss.item():.4f}")
+    print(f"epoch {epoch}: loss {loss.item():.4f} on rank {rank}")
 for percent in range(0, 101, 25):  # a line redrawn in place, as tqdm does
     print(f"\\rsaving {percent}%", end="", flush=True)
     time.sleep(0.1)
@@ -223,6 +229,15 @@ def idle_while_running(log: dict) -> list[float]:
     return periods
 
 
+RANK1_LOG_SHOWN = """() => {
+  const log = document.querySelectorAll('.jp-Cell')[1]?.querySelector('.nbdist-log');
+  // a line printed before the pick, and one printed after: the view follows the log
+  return !!log && log.innerText.includes('epoch 0: loss')
+    && log.innerText.includes('epoch 1: loss') && log.innerText.includes('on rank 1');
+}"""
+
+STDOUT = '[data-mime-type="application/vnd.jupyter.stdout"]'
+
 DASHBOARD_DONE = """() => {
   const out = document.querySelectorAll('.jp-Cell')[1]?.querySelector('.jp-OutputArea');
   return !!out && !!out.querySelector('.nbdist-dashboard')
@@ -235,11 +250,11 @@ def test_dashboard_in_jupyterlab_with_headless_chromium(lab, tmp_path):
     from playwright.sync_api import sync_playwright
 
     base, token = lab
-    shot = tmp_path / "dashboard.png"
+    shot, ranks_shot = tmp_path / "dashboard.png", tmp_path / "dashboard-ranks.png"
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900},
+            page = browser.new_page(viewport={"width": 1280, "height": 1000},
                                     device_scale_factor=1)
             page.set_default_timeout(60_000)  # no step may wait forever
             page.goto(f"{base}/lab/tree/dashboard.ipynb?token={token}")
@@ -259,9 +274,25 @@ def test_dashboard_in_jupyterlab_with_headless_chromium(lab, tmp_path):
             assert "loss=" in text and "it/s" in text
             mid_run_status = page.evaluate(SHOWN_STATUS)
 
+            # follow rank 1's log: the click reaches the kernel while the cell runs (the
+            # wait costs nothing: the job runs on meanwhile, and the test waits for it)
+            output = cell.locator(".jp-OutputArea")
+            picked = time.monotonic()
+            output.locator(".nbdist-log-picker button",
+                           has_text=re.compile(r"^\s*1\s*$")).click()
+            page.wait_for_function(RANK1_LOG_SHOWN, timeout=20_000, polling=100)
+            pick_seconds = time.monotonic() - picked
+            time.sleep(0.3)
+            output.screenshot(path=str(ranks_shot))
+            rank1_log = output.locator(".nbdist-log").inner_text()
+            still_running = "running" in output.locator(".widget-html").first.inner_text()
+
             page.wait_for_function(DASHBOARD_DONE, timeout=90_000, polling=250)
             cell.screenshot(path=str(tmp_path / "final.png"))
             final = cell.locator(".jp-OutputArea").inner_text()
+            streamed = "".join(output.locator(STDOUT).all_inner_texts())
+            tails = [d.text_content() for d in
+                     output.locator(".nbdist-dashboard details").all()]
             page.wait_for_function(TRAIN_CELL_ENDED, timeout=60_000, polling=250)
             log = page.evaluate("() => window.nbdistLog")
         finally:
@@ -274,6 +305,15 @@ def test_dashboard_in_jupyterlab_with_headless_chromium(lab, tmp_path):
     assert "epoch 3: loss" in final
     assert "saving 100%" in final and "saving 50%" not in final  # \r redrew the line
     assert shot.stat().st_size > 10_000
+    # the per-rank view showed rank 1's own lines, mid-run, within a couple of renders
+    assert still_running and pick_seconds < 10, pick_seconds
+    assert "rank 1's output, live" in rank1_log and "epoch 1: loss" in rank1_log
+    assert "on rank 1" in rank1_log and "on rank 0" not in rank1_log
+    assert "epoch 3: loss" in streamed and "on rank 1" not in streamed  # rank 0's, as ever
+    # the saved notebook keeps each rank's last lines, one collapsed block per rank
+    assert len(tails) == 2 and "rank 0" in tails[0] and "rank 1" in tails[1], tails
+    assert "epoch 3: loss" in tails[1] and "on rank 1" in tails[1]
     if os.environ.get("NBDIST_UPDATE_SCREENSHOT") == "1":
-        DOCS_SCREENSHOT.parent.mkdir(exist_ok=True)
+        DOCS.mkdir(exist_ok=True)
         shutil.copyfile(shot, DOCS_SCREENSHOT)
+        shutil.copyfile(ranks_shot, DOCS_RANKS_SCREENSHOT)

@@ -254,6 +254,22 @@ def test_plain_progress_lines_come_at_a_bounded_rate(tmp_path):
     assert "epoch 30/30 (100%)" in progress[-1]
 
 
+def test_plain_shows_a_progress_line_per_rank_at_a_bounded_rate(tmp_path):
+    """Only rank 0's output is copied, but every rank's progress gets its own lines."""
+    clock, out = Clock(), io.StringIO()
+    plain = PlainDisplay(stream=out, clock=clock)
+    plain.start(make_job(tmp_path, nprocs=3))
+    events = succeeded(nprocs=3, epochs=30, steps=20)  # ~30 s of events per rank
+    feed(plain, events, clock)
+    plain.stop(end(make_job(tmp_path, nprocs=3), "succeeded", ["done"] * 3, [0] * 3))
+    lines = out.getvalue().splitlines()
+    span = events[-1].time - events[0].time
+    for r in range(3):
+        progress = [line for line in lines if line.startswith(f"[nbdist] rank {r} running")]
+        assert 2 <= len(progress) <= span / PROGRESS_EVERY + 2, (r, progress)
+        assert "epoch 30/30 (100%)" in progress[-1]
+
+
 def test_plain_all_ranks_prefixes_lines_and_redraws():
     out = io.StringIO()
     plain = PlainDisplay(all_ranks=True, stream=out)
@@ -485,6 +501,110 @@ def test_notebook_all_ranks_streams_prefixed_output(tmp_path):
     nb.output(1, "one")
     nb.stop(end(job, "succeeded", ["done", "done"], [0, 0]))
     assert out.getvalue() == "[rank 0] zero\n[rank 1] one\n"
+
+
+def append(path, text: str) -> None:
+    with open(path, "a") as f:
+        f.write(text)
+
+
+def test_notebook_log_view_follows_the_picked_rank(tmp_path, monkeypatch):
+    from nbdist.display import notebook as nb_module
+    from nbdist.display.state import LOG_VIEW_LINES, LogTail
+
+    opened = []  # the logs the view reads
+
+    class Spy(LogTail):
+        def read(self):
+            opened.append(self.path.name)
+            return super().read()
+
+    monkeypatch.setattr(nb_module, "LogTail", Spy)
+    nb, clock, out, publisher = notebook()
+    job = make_job(tmp_path)
+    nb.start(job)
+    picker, area = nb.logs.picker, nb.logs.area
+    assert picker.options == (("none", -1), ("0", 0), ("1", 1)) and picker.value == -1
+    assert area.layout.display == "none"
+    feed(nb, recorded()[:10], clock)
+    assert opened == []  # no rank picked: no log read
+
+    picker.value = 1  # what the frontend's click does, from its comm's thread
+    clock.t += 1
+    nb.tick()
+    assert area.layout.display == ""
+    assert "rank 1's output, live" in area.value and "rank-1.log" in area.value
+    assert "bad batch 10 on rank 1 &lt;&amp;&gt;" in area.value  # escaped
+    assert "100%" in area.value and "10%" not in area.value  # \r redraws collapsed
+    assert set(opened) == {"rank-1.log"}
+
+    log1 = tmp_path / "job" / "rank-1.log"
+    append(log1, "\x1b[31mred\x1b[0m text from rank 1\npartial")
+    nb.tick()  # read at most every RENDER_INTERVAL
+    assert "text from rank 1" not in area.value
+    clock.t += RENDER_INTERVAL
+    nb.tick()
+    assert "red text from rank 1\npartial" in area.value  # colour codes dropped
+    append(log1, "".join(f"line {i}\n" for i in range(1000)))
+    clock.t += RENDER_INTERVAL
+    nb.tick()
+    shown = area.value[area.value.index("<pre"):]
+    assert "line 999" in shown and f"line {999 - LOG_VIEW_LINES}\n" not in shown
+    assert shown.count("\n") <= LOG_VIEW_LINES
+    assert "line 999" not in out.getvalue()  # the cell's own output is rank 0's only
+
+    reads = len(opened)
+    clock.t += 5 * RENDER_INTERVAL
+    nb.tick()
+    assert len(opened) == reads + 1  # one cheap look per tick due, nothing redrawn
+    picker.value = 0
+    clock.t += RENDER_INTERVAL
+    nb.tick()
+    assert "epoch 0 done" in area.value and "rank 1" not in area.value
+    assert opened[reads + 1:] == ["rank-0.log"]
+    picker.value = -1
+    clock.t += RENDER_INTERVAL
+    nb.tick()
+    assert area.layout.display == "none"
+    nb.stop(failed_job(tmp_path))
+    assert picker.comm is None and area.comm is None  # closed with the others
+
+
+def test_notebook_final_summary_keeps_every_ranks_log_tail(tmp_path):
+    nb, clock, out, publisher = notebook()
+    job = make_job(tmp_path)
+    append(tmp_path / "job" / "rank-0.log", "".join(f"step {i}\n" for i in range(40)))
+    nb.start(job)
+    feed(nb, recorded(), clock)
+    nb.stop(end(job, "failed", ["killed", "failed"], [-15, 1]))
+    final = publisher.shown[-1][1]["text/html"]
+    logs = final[final.index("<details"):]
+    assert logs.count("<details>") == 2 and "<details open" not in logs  # collapsed
+    first, second = logs.split("</details>")[:2]
+    assert "rank 0 <span" in first and ">killed</span> · last 15 lines of rank-0.log" in first
+    assert "step 39" in first and "step 25" in first and "step 24\n" not in first
+    assert "rank 1 <span" in second and ">failed</span>" in second
+    assert "bad batch 10 on rank 1 &lt;&amp;&gt;" in second
+
+
+def test_log_tail_reads_only_what_was_appended_and_stays_bounded(tmp_path):
+    from nbdist.display.state import LogTail
+
+    path = tmp_path / "rank-3.log"
+    tail = LogTail(path, max_lines=5, max_bytes=100)
+    assert not tail.read() and tail.text == ""  # not written yet
+    accent = "é".encode()
+    path.write_bytes(b"a\n10%\r20%\rb " + accent[:1])  # half a character, so far
+    assert tail.read() and tail.text == "a\nb "  # the redrawn line as a terminal shows it
+    with open(path, "ab") as f:
+        f.write(accent[1:] + b"\n")
+    assert tail.read() and tail.text == "a\nb é"
+    assert not tail.read()  # nothing new
+    append(path, "".join(f"{i:03d}\n" for i in range(100)))  # 400 bytes > max_bytes
+    assert tail.read()
+    assert tail.text == "095\n096\n097\n098\n099"  # only the end was read, 5 lines kept
+    path.write_text("new\n")  # rewritten from the start
+    assert tail.read() and tail.text == "new"
 
 
 class FakeKernel:

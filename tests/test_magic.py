@@ -387,6 +387,9 @@ def test_a_warm_pool_keeps_rank_state_between_cells(kernel, nbdist_home):
         status = kernel.run("%distributed status").stdout
         assert re.search(r"pool up: 2 ranks on cpu, gloo, 2 tasks run, idle [\d.]+s, "
                          r"persist\n  rank 0 idle \(pid \d+\), rank 1 idle", status), status
+        where = kernel.run("%distributed stacks").stdout
+        assert "rank 0: idle, waiting for the next task" in where, where
+        assert "rank 1: idle, waiting for the next task" in where, where
 
         # options that contradict the pool are refused; --fresh runs a cold job
         reply = kernel.execute(cell("distributed --nprocs 3", "x = 1"))

@@ -331,6 +331,9 @@ def worker_env(plan: Plan, extra: dict[str, str] | None) -> dict[str, str]:
     env = {**frameworks.launch_env(plan.device), **os.environ}
     env.update({k: str(v) for k, v in (extra or {}).items()})
     env["PYTHONUNBUFFERED"] = "1"  # prints reach the log (and the notebook) at once
+    # torch without numpy warns at every import; the caller's own import said it once
+    env["PYTHONWARNINGS"] = ",".join(filter(None, (env.get("PYTHONWARNINGS"),
+                                                   "ignore:Failed to initialize NumPy")))
     # torchrun sets 1 anyway when unset, and prints a banner about it
     env.setdefault("OMP_NUM_THREADS", "1")
     env["NBDIST_DEVICE"] = plan.device

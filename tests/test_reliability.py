@@ -75,6 +75,7 @@ PHASES = {
 }
 
 
+@pytest.mark.slow
 def test_interrupt_in_every_phase_leaves_nothing(nbdist_home, record_property):
     """Stop pressed while packing, starting, joining and collecting (running: see
     test_failures): KeyboardInterrupt, every process gone within 2 s, next run works."""
@@ -122,6 +123,7 @@ def test_a_flood_of_output_is_delivered_whole_and_logged(capfd, record_property)
     assert bytes(range(256)) * 4 in log  # the log file keeps the exact bytes
 
 
+@pytest.mark.slow
 def test_back_to_back_jobs_do_not_leak(record_property):
     runs = int(os.environ.get("NBDIST_SOAK_JOBS", "6"))
     me = psutil.Process()
@@ -181,7 +183,8 @@ def test_retention_keeps_recent_jobs_and_unloaded_results():
     recent = [_fake_job("succeeded", loaded=True) for _ in range(2)]
     deleted = prune_jobs(keep=2)
     assert sorted(deleted) == sorted(j.dir for j in old)
-    assert [j.id for j in nbdist.jobs()] == [unloaded.id] + [j.id for j in recent]
+    # newest first
+    assert [j.id for j in nbdist.jobs()] == [j.id for j in reversed(recent)] + [unloaded.id]
     assert torch.equal(nbdist.load_result(unloaded.dir)["w"], torch.ones(2))
     assert Job.load(unloaded.dir).result_loaded  # loaded now: the next prune may drop it
 

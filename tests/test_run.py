@@ -86,6 +86,7 @@ def test_return_all_args_kwargs_helpers_output_and_job_record(tmp_path, capfd, m
     assert proc.stdout.strip() == "[0, 1] 31.0"
 
 
+@pytest.mark.slow
 def test_main_module_functions_and_classes_round_trip():
     """Functions and classes defined in __main__ (as in a notebook) travel by value."""
     proc = run_script("""
@@ -112,6 +113,7 @@ def test_main_module_functions_and_classes_round_trip():
     assert proc.stdout.strip() == "True 42 Linear ['bias', 'weight']"
 
 
+@pytest.mark.slow
 def test_ddp_training_matches_plain_torchrun(tmp_path):
     """The same DDP training through nbdist and as a torchrun script: same weights."""
     import convnet_train

@@ -171,8 +171,7 @@ FAULTS = {
     "unpicklable-result": (return_generator, (), {}, nbdist.PicklingError,
                            "generator", 0, 5),
     "mismatched-collectives": (mismatched_collectives, (), {"debug": True}, RuntimeError,
-                               "the ranks called different collectives: rank 0 called "
-                               "allreduce (collective #0, tensor shape [3])", None, 5),
+                               "the ranks called different collectives: rank ", None, 5),
 }
 
 
@@ -225,6 +224,9 @@ def test_fault(fault, record_property):
                          r"rank0_waits_in_barrier_rank1_sleeps", exc.stacks), exc.stacks
         assert "time.sleep(600)  # never reaches the barrier" in exc.stacks
         assert exc.stacks in str(exc)
+    if fault == "mismatched-collectives":  # torch's own check races: either form
+        assert re.search(r"rank [01] called \w+ \(collective #0[^;]*\); rank [01] called \w+",
+                         message), message
     if fault == "init-hang":  # rank 1 is stuck unpickling, before init_process_group
         assert re.search(r"rank 1: at \S+ line \d+ in _stall_on_rank1", exc.stacks), exc.stacks
     job = nbdist.last_job()
@@ -331,6 +333,7 @@ def rank1_late_to_the_barrier(seconds, progress):
     return "done"
 
 
+@pytest.mark.slow
 def test_a_stall_in_a_collective_is_said_once_and_the_job_goes_on(capsys):
     assert nbdist.run_distributed(rank1_late_to_the_barrier, 5, False, nprocs=2,
                                   display="plain", stall_warning=1.5) == "done"

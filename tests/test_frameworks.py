@@ -140,6 +140,7 @@ def test_accelerate_goes_multi_cpu_without_cpu_true(kernel):
     assert facts[0]["weights"] != facts[0]["unsynced"]
 
 
+@pytest.mark.slow
 def test_transformers_trainer_sees_two_processes(kernel):
     needs("transformers")
     needs("accelerate")
@@ -175,6 +176,7 @@ def test_transformers_trainer_sees_two_processes(kernel):
     assert same_on_all_ranks(facts, "weights")
 
 
+@pytest.mark.slow
 def test_lightning_trainer_and_fabric_use_the_ranks_nbdist_started(kernel):
     needs("lightning")
     facts = run_cell(kernel, """

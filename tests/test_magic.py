@@ -227,6 +227,7 @@ def test_globals_in_names_out_and_rank0_output(kernel):
     assert kernel.value("device, 'lock' in globals()") == ("the notebook's", False)
 
 
+@pytest.mark.slow
 def test_tutorial_code_runs_unchanged_and_conflicts_are_explained(kernel):
     kernel.run("for _name in ('summed',):\n    globals().pop(_name, None)")
     reply = kernel.execute(cell("distributed --nprocs 2", """

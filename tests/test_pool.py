@@ -103,6 +103,7 @@ def test_warm_tasks_keep_the_run_distributed_contract(nbdist_home):
         pool.run(whoami, display="none")
 
 
+@pytest.mark.slow
 def test_a_crash_a_stuck_collective_and_a_timeout_each_cost_the_pool(nbdist_home):
     pool = nbdist.Pool(nprocs=2)
     try:

@@ -60,7 +60,8 @@ def compile_body(body: str, filename: str):
 
 
 def run_cell(cell: Cell, captured: dict[str, Any]) -> payload.Outputs | None:
-    """Run the cell in a fresh namespace; on rank 0, return what goes back."""
+    """Run the cell in a fresh namespace (a pool's kept one with ``persist``); on
+    rank 0, return what goes back."""
     payload.register_source(cell.filename, cell.text.splitlines(True))
     _import_notebook_modules(cell.imports)
     namespace = _kept if cell.persist else {}

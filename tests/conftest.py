@@ -67,6 +67,15 @@ def wait_gone(pids, timeout: float) -> float:
     return time.monotonic() - start
 
 
+def kill_caller(caller, pids, record_property) -> float:
+    """SIGKILL a caller script (as a dead kernel); seconds until its ``pids`` are gone."""
+    caller.kill()
+    caller.wait()
+    gone = wait_gone(pids, 10)
+    record_property("seconds_until_all_gone", round(gone, 2))
+    return gone
+
+
 def _alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE

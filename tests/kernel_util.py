@@ -141,3 +141,22 @@ class Kernel:
     def shutdown(self) -> None:
         self.client.stop_channels()
         self.km.shutdown_kernel(now=False)
+
+
+def run_notebook(path: Path, workdir: Path):
+    """Execute a notebook top to bottom in this Python's kernel; return it with outputs.
+
+    The kernel starts in ``workdir`` and inherits the environment (``NBDIST_HOME``).
+    """
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    km = kernel_manager(workdir / "kernelspec")
+    try:
+        NotebookClient(nb, km=km, timeout=300,
+                       resources={"metadata": {"path": str(workdir)}}).execute()
+    finally:  # nbclient leaves a kernel it did not create running
+        if km.has_kernel:
+            km.shutdown_kernel(now=False)
+    return nb

@@ -21,19 +21,9 @@ def test_ddp_convnet_demo_trains_and_keeps_ranks_in_sync():
 @pytest.mark.slow
 def test_pool_notebook_loads_once_trains_in_two_cells_and_evaluates(tmp_path, nbdist_home):
     """examples/mnist_pool.ipynb: the ranks stay up and keep their state between cells."""
-    import nbformat
-    from nbclient import NotebookClient
+    from kernel_util import run_notebook
 
-    from kernel_util import kernel_manager
-
-    nb = nbformat.read(REPO / "examples" / "mnist_pool.ipynb", as_version=4)
-    km = kernel_manager(tmp_path / "kernelspec")  # the kernel inherits NBDIST_HOME
-    try:
-        NotebookClient(nb, km=km, timeout=300,
-                       resources={"metadata": {"path": str(tmp_path)}}).execute()
-    finally:  # nbclient leaves a kernel it did not create running
-        if km.has_kernel:
-            km.shutdown_kernel(now=False)
+    nb = run_notebook(REPO / "examples" / "mnist_pool.ipynb", tmp_path)  # inherits NBDIST_HOME
     outputs = [out for c in nb.cells if c.cell_type == "code" for out in c.get("outputs", ())]
     assert not [out for out in outputs if out.output_type == "error"], outputs
     text = "\n".join(out.get("text", "") for out in outputs)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 import nbdist
-from conftest import wait_gone
+from conftest import kill_caller, wait_gone
 from helpers import job_dirs, start_script, wait_for_ranks, worker_pids
 from nbdist.job import Job, read_error
 from nbdist.jobdir import JobDir
@@ -295,12 +295,7 @@ def test_killed_caller_takes_its_workers_along(nbdist_home, record_property):
     """)
     try:
         job_dir = wait_for_ranks(nbdist_home, "running", 2)
-        pids = worker_pids(job_dir)
-        caller.kill()
-        caller.wait()
-        gone = wait_gone(pids, 10)
-        record_property("seconds_until_all_gone", round(gone, 2))
-        assert gone < 10
+        assert kill_caller(caller, worker_pids(job_dir), record_property) < 10
     finally:
         caller.kill()
         caller.wait()

@@ -13,13 +13,11 @@ import textwrap
 import time
 from pathlib import Path
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
 
 from conftest import wait_gone
 from helpers import REPO, job_dirs, wait_for_ranks, worker_pids
-from kernel_util import Kernel, kernel_manager
+from kernel_util import Kernel, kernel_manager, run_notebook
 from nbdist.scope import names_assigned, names_read
 
 EXAMPLE = REPO / "examples" / "mnist_ddp.ipynb"
@@ -344,14 +342,7 @@ def test_interrupt_stops_every_rank_and_the_next_cell_works(kernel, nbdist_home)
 
 @pytest.mark.slow
 def test_example_notebook_runs_top_to_bottom(tmp_path):
-    nb = nbformat.read(EXAMPLE, as_version=4)
-    km = kernel_manager(tmp_path / "kernelspec")
-    try:
-        NotebookClient(nb, km=km, timeout=300,
-                       resources={"metadata": {"path": str(tmp_path)}}).execute()
-    finally:  # nbclient leaves a kernel it did not create running
-        if km.has_kernel:
-            km.shutdown_kernel(now=False)
+    nb = run_notebook(EXAMPLE, tmp_path)
     text = "\n".join(out.get("text", "") for c in nb.cells if c.cell_type == "code"
                      for out in c.get("outputs", ()))
     assert text.count("writing the training set once") == 1, text  # rank 0 only

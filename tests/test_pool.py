@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 import nbdist
-from conftest import wait_gone
+from conftest import kill_caller, wait_gone
 from helpers import job_dirs, rank_states, start_script
 from nbdist.pool import KEPT, LOST
 
@@ -193,11 +193,7 @@ def test_a_pool_dies_with_its_caller_and_at_interpreter_exit(nbdist_home, record
     try:
         pids = eval(caller.stdout.readline())
         assert len(pids) == 2
-        caller.kill()
-        caller.wait()
-        gone = wait_gone(pids, 10)
-        record_property("seconds_until_all_gone", round(gone, 2))
-        assert gone < 10
+        assert kill_caller(caller, pids, record_property) < 10
     finally:
         caller.kill()
         caller.wait()

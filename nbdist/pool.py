@@ -32,6 +32,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -214,8 +215,6 @@ class Pool:
     def _restart_lost(self) -> None:
         """The ranks are gone (a crash between calls): start new ones, and say so."""
         if self._launch is not None:
-            import warnings
-
             warnings.warn("nbdist: the pool's ranks had exited; starting a new pool (rank "
                           "state is lost)", stacklevel=3)
             self._stop()

@@ -32,10 +32,10 @@ def per_rank(**facts):
 '''
 
 
-def needs(module: str) -> None:
+def needs(module: str, how: str = "pip install -e '.[frameworks]'") -> None:
     """Skip the test unless ``module`` is installed (found, not imported: imports are slow)."""
     if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} is not installed (pip install -e '.[frameworks]')")
+        pytest.skip(f"{module} is not installed ({how})")
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +241,7 @@ def test_lightning_trainer_and_fabric_use_the_ranks_nbdist_started(kernel):
 
 @pytest.mark.slow
 def test_fastai_distrib_ctx_trains_in_sync_on_the_cpu(kernel):
-    needs("fastai")
+    needs("fastai", "not in the frameworks extra: its torchvision pulls another torch; see README")
     needs("accelerate")
     facts = run_cell(kernel, """
         import torch

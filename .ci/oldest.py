@@ -24,7 +24,7 @@ REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*
 
 
 def oldest(requirement: str) -> tuple[str, str] | None:
-    """``("rich", "14.1")`` for ``"rich>=14.1"``; None for a package CI does not pin."""
+    """``("rich", "13")`` for ``"rich>=13"``; None for a package CI does not pin."""
     match = REQUIREMENT.match(requirement)
     if not match:
         raise SystemExit(f"{PYPROJECT.name}: cannot parse requirement {requirement!r}")

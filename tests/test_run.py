@@ -120,10 +120,11 @@ def test_ddp_training_matches_plain_torchrun(tmp_path):
 
     ours = nbdist.run_distributed(convnet_train.train, nprocs=2, display="none")
     out = tmp_path / "torchrun_state.pt"
-    subprocess.run(
+    raw = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone",
          "--nproc-per-node", "2", str(HERE / "convnet_train.py"), str(out)],
-        check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert raw.returncode == 0, raw.stderr[-3000:]
     theirs = torch.load(out)
     assert ours.keys() == theirs.keys()
     changed = False

@@ -429,7 +429,7 @@ class _StallWatch:
         if self.seconds is None or self.warned or quiet < self.seconds:
             return
         self.last = time.monotonic()  # look again after as long, if not now
-        dumps = rankstacks.collect(self.launch, dict(self.launch.worker_pids))
+        dumps = rankstacks.collect(self.launch)
         waiting = [r for r, dump in sorted(dumps.items())
                    if rankstacks.in_collective(rankstacks.main_thread(dump))]
         if not waiting:
@@ -466,7 +466,7 @@ def _last_lines(job: Job, ranks: list[int]) -> str:
 
 def _stacks(launch: Launch) -> str:
     """Where each rank is, before a timeout kills them (see rankstacks.py)."""
-    dumps = rankstacks.collect(launch, dict(launch.worker_pids))
+    dumps = rankstacks.collect(launch)
     return rankstacks.report(dumps) if dumps else ""
 
 
@@ -482,7 +482,7 @@ def _timeout_error(job: Job, timeout: float, where: str) -> JobTimeoutError:
 
 def _init_timeout_error(job: Job, timeout: float, where: str) -> InitTimeoutError:
     # the ranks that never reached init_process_group, else those stuck inside it
-    missing = ([r.rank for r in job.ranks if r.state in NOT_JOINED[:2]]
+    missing = ([r.rank for r in job.ranks if r.state in (RankState.PENDING, RankState.STARTING)]
                or [r.rank for r in job.ranks if r.state in NOT_JOINED])
     joined = [r.rank for r in job.ranks if r.rank not in missing]
     lines = _last_lines(job, missing)

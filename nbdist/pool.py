@@ -335,7 +335,7 @@ class Pool:
                     and self._healthy():
                 exc.add_note("[nbdist] every rank stopped its task; " + KEPT[9:])
                 return
-            dumps = rankstacks.collect(self._launch, dict(self._launch.worker_pids))
+            dumps = rankstacks.collect(self._launch)
             if dumps:
                 exc.add_note("[nbdist] where the ranks were when they did not answer:\n"
                              + rankstacks.report(dumps))

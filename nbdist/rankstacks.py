@@ -58,10 +58,11 @@ class Frame:
         return linecache.getline(self.file, self.line).strip()
 
 
-def collect(launch, ranks: dict[int, int]) -> dict[int, str]:
-    """Signal the ranks (``{rank: pid}``) and return what each dumped, as text."""
+def collect(launch) -> dict[int, str]:
+    """Signal the launch's ranks and return what each dumped, as text."""
     from nbdist.launcher import is_rank_of
 
+    ranks = dict(launch.worker_pids)  # the pids the ranks reported
     files = {r: launch.job.stacks(r) for r, pid in ranks.items() if is_rank_of(pid, launch.job)}
     offsets = {r: _size(path) for r, path in files.items()}
     for rank in files:
@@ -179,5 +180,5 @@ def stacks() -> str:
         p._launch for p in pool.open_pools() if p.alive]
     if not launches:
         return "[nbdist] no job or pool is running in this process"
-    return "\n".join(report(collect(launch, dict(launch.worker_pids)))
+    return "\n".join(report(collect(launch))
                      for launch in launches)

@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import nbdist  # noqa: E402
-from nbdist import api, job as job_mod, launcher  # noqa: E402
+from nbdist import api, job as job_mod  # noqa: E402
 
 sys.path.insert(0, str(HERE))
 import workloads  # noqa: E402

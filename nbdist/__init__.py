@@ -30,8 +30,8 @@ _EXPORTS = {
     "rank0_first": "runtime", "track": "runtime", "report": "runtime",
 }
 _SUBMODULES = ("api", "cell", "channel", "display", "errors", "frameworks", "job",
-               "jobdir", "launcher", "magic", "payload", "pool", "rankstacks", "runtime", "scope",
-               "states")
+               "jobdir", "launch", "magic", "payload", "plan", "pool", "rankstacks", "runtime",
+               "scope", "states")
 
 __all__ = list(_EXPORTS)
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from nbdist.jobdir import write_json_atomic
-from nbdist.launcher import descendants
+from nbdist.launch.local import descendants
 
 PARENT_POLL = 0.5
 

@@ -3,11 +3,12 @@
 ::
 
     run_distributed(fn, *args, nprocs=2)
-      │ plan_job: check arguments, pick nprocs / devices / backend (nothing started)
+      │ plan_launch: check arguments, pick ranks / devices / backend / hosts (plan.py)
       │ _pack_and_launch: cloudpickle fn, args, kwargs into a fresh private job
       │   directory; torchrun starts once all is pickled, while tensor bytes are written
       ▼
-    Launch (launcher.py): torchrun → every rank runs _worker.main (payload loaded)
+    a launch (launch/): torchrun here, or an agent per host over ssh / Slurm →
+      │ every rank runs _worker.main (payload loaded)
       │ supervise: poll torchrun, stream rank logs and events to the display,
       │             enforce timeout / init_timeout (with every rank's stack), warn
       │             on a stall; an interrupt kills everything (run_distributed's finally)
@@ -20,17 +21,18 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from nbdist import display as displays
-from nbdist import frameworks, payload, rankstacks
+from nbdist import launch as launchers
+from nbdist import payload, rankstacks
 from nbdist.channel import ChannelReader, LogFollower
-from nbdist.errors import InitTimeoutError, InvalidArgumentError, JobTimeoutError
+from nbdist.errors import InitTimeoutError, JobTimeoutError
 from nbdist.job import Job, RankStatus, diagnose, prune_jobs
 from nbdist.jobdir import JobDir, tail, write_json_atomic
-from nbdist.launcher import Launch, entry_script
+from nbdist.launch.local import Launch, entry_script
+from nbdist.plan import Plan, check_callable, check_seconds, debug_env, plan_launch
 from nbdist.states import NOT_JOINED, REPORTED, EventKind, JobState, RankState
 
 DEFAULT_INIT_TIMEOUT = 300.0
@@ -45,18 +47,6 @@ _last_job: Job | None = None
 _running: Launch | None = None  # the launch supervise() follows now, for stacks()
 
 
-@dataclass(frozen=True)
-class Plan:
-    """The validated shape of a job."""
-
-    nprocs: int
-    device: str  # "cuda" | "cpu"
-    backend: str
-    visible_devices: str | None  # CUDA_VISIBLE_DEVICES for the workers
-    timeout: float | None
-    init_timeout: float | None
-
-
 def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
                     gpus: int | str | Sequence[int] | None = None,
                     backend: str | None = None, timeout: float | None = None,
@@ -64,7 +54,9 @@ def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
                     env: dict[str, str] | None = None, return_all: bool = False,
                     display: str = "auto", all_ranks: bool = False,
                     stall_warning: float | None = DEFAULT_STALL_WARNING,
-                    debug: bool = False, **kwargs: Any) -> Any:
+                    debug: bool = False, hosts: str | Sequence[str] | None = None,
+                    ssh_options: Sequence[str] | None = None,
+                    slurm: dict[str, Any] | bool | None = None, **kwargs: Any) -> Any:
     """Run ``fn(*args, **kwargs)`` on every rank of a torchrun job; return rank 0's value.
 
     The default process group is initialised before ``fn`` runs and destroyed after;
@@ -98,6 +90,14 @@ def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
             once with every rank's stack; the job goes on. ``None``: never.
         debug: torch's collective checks (``TORCH_DISTRIBUTED_DEBUG=DETAIL``): ranks
             that call different collectives fail at once, and the error says which.
+        hosts: run on these machines, reached with the system ``ssh`` client
+            (``["gpu1", "gpu2"]``); ``nprocs``/``gpus`` then count per host, and the
+            world is hosts x nprocs. Every host needs the same Python and packages.
+        ssh_options: extra ``ssh`` arguments (``["-F", "ssh_config"]``); default
+            from ``$NBDIST_SSH_OPTIONS``.
+        slurm: run as a Slurm job step with ``srun``: ``{"nodes": 2, "partition":
+            "gpu", "time": "1:00:00", "account": "A", "args": [...]}``; inside an
+            allocation its nodes are used, outside one nbdist asks for it.
 
     Returns:
         rank 0's return value (``return_all``: all of them), tensors on the CPU and
@@ -111,16 +111,16 @@ def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
         :class:`InvalidArgumentError` and :class:`PicklingError` before anything
         starts; ``KeyboardInterrupt`` after stopping every process of the job.
     """
-    plan = plan_job(fn, nprocs=nprocs, gpus=gpus, backend=backend, timeout=timeout,
-                    init_timeout=init_timeout)
+    check_callable(fn)
+    plan = plan_launch(nprocs=nprocs, gpus=gpus, backend=backend, timeout=timeout,
+                       init_timeout=init_timeout, hosts=hosts, ssh_options=ssh_options,
+                       slurm=slurm)
     check_seconds("stall_warning", stall_warning)
     env = debug_env(env, debug)
     view = displays.create(display, all_ranks=all_ranks)
     prune_jobs()
     job_dir = JobDir.create()
-    job = Job(id=job_dir.id, dir=str(job_dir.path), nprocs=plan.nprocs,
-              backend=plan.backend, return_all=return_all,
-              ranks=[RankStatus(r, log=str(job_dir.log(r))) for r in range(plan.nprocs)])
+    job = new_job(job_dir, plan, return_all)
     launch = _pack_and_launch(job_dir, fn, args, kwargs, plan, return_all, env)
     try:
         remember(job)
@@ -129,7 +129,7 @@ def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
                   stall_warning=stall_warning)
         if launch.poll() != 0:
             job.status = JobState.FAILED
-            raise diagnose(job, launch.poll())
+            raise diagnose(job, launch.poll(), lost=launch.lost_hosts())
         return job.take_result()
     except KeyboardInterrupt:
         job.status = JobState.INTERRUPTED
@@ -163,108 +163,13 @@ def remember(job: Job) -> None:
     _last_job = job
 
 
-def plan_job(fn: Callable, *, nprocs: int | None, gpus: int | str | Sequence[int] | None,
-             backend: str | None, timeout: float | None,
-             init_timeout: float | None) -> Plan:
-    """Check the arguments and decide the job's shape; raises before anything starts."""
-    check_callable(fn)
-    return plan_launch(nprocs=nprocs, gpus=gpus, backend=backend, timeout=timeout,
-                       init_timeout=init_timeout)
-
-
-def check_callable(fn: Any) -> None:
-    if not callable(fn):
-        raise InvalidArgumentError(
-            f"nbdist needs a function to run on the ranks, got {type(fn).__name__} {fn!r}")
-
-
-def debug_env(env: dict[str, str] | None, debug: bool) -> dict[str, str] | None:
-    """``env`` plus torch's collective checks when ``debug``."""
-    return {**(env or {}), "TORCH_DISTRIBUTED_DEBUG": "DETAIL"} if debug else env
-
-
-def check_seconds(name: str, value: Any) -> None:
-    if value is not None and (not isinstance(value, (int, float)) or value <= 0):
-        raise InvalidArgumentError(f"{name} must be a positive number of seconds, "
-                                   f"got {value!r}")
-
-
-def plan_launch(*, nprocs: int | None, gpus: int | str | Sequence[int] | None,
-                backend: str | None, timeout: float | None,
-                init_timeout: float | None) -> Plan:
-    """The shape of a launch (a job or a pool), checked; raises before anything starts."""
-    if nprocs is not None and (not isinstance(nprocs, int) or nprocs < 1):
-        raise InvalidArgumentError(f"nprocs must be a positive integer, got {nprocs!r}")
-    check_seconds("timeout", timeout)
-    check_seconds("init_timeout", init_timeout)
-    device_ids = _parse_gpus(gpus)
-    if device_ids is None and nprocs is None and _cuda_count() > 0:
-        device_ids = list(range(_cuda_count()))  # default: one rank per visible GPU
-    if device_ids is not None:
-        _check_gpus(device_ids, gpus, nprocs)
-        nprocs = len(device_ids)
-    device = "cuda" if device_ids is not None else "cpu"
-    backend = backend or ("nccl" if device == "cuda" else "gloo")
-    if backend == "nccl" and device == "cpu":
-        raise InvalidArgumentError(
-            "backend='nccl' needs GPUs; pass gpus=N, or use backend='gloo' on the CPU")
-    visible = None
-    if gpus is not None:
-        # ids count within what the caller sees, as torch.cuda numbers them
-        current = os.environ.get("CUDA_VISIBLE_DEVICES")
-        names = current.split(",") if current else [str(i) for i in range(max(device_ids) + 1)]
-        visible = ",".join(names[i] for i in device_ids)
-    return Plan(nprocs=nprocs or 2, device=device, backend=backend,
-                visible_devices=visible, timeout=timeout, init_timeout=init_timeout)
-
-
-def _parse_gpus(gpus: int | str | Sequence[int] | None) -> list[int] | None:
-    if gpus is None:
-        return None
-    if isinstance(gpus, bool):
-        raise InvalidArgumentError(f"gpus must be a count or device ids, got {gpus!r}")
-    if isinstance(gpus, int):
-        if gpus < 1:
-            raise InvalidArgumentError(f"gpus must be at least 1, got {gpus}")
-        return list(range(gpus))
-    if isinstance(gpus, str):
-        text = gpus.strip()
-        if text.isdigit() and "," not in text:
-            return _parse_gpus(int(text))
-        parts = [p.strip() for p in text.split(",") if p.strip()]
-    else:
-        parts = list(gpus)
-    try:
-        ids = [int(p) for p in parts]
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(
-            f"gpus={gpus!r}: expected a count (2) or device ids ('0,1' or [0, 1])") from None
-    if not ids or len(set(ids)) != len(ids) or min(ids) < 0:
-        raise InvalidArgumentError(f"gpus={gpus!r}: device ids must be distinct and >= 0")
-    return ids
-
-
-def _check_gpus(device_ids: list[int], gpus: Any, nprocs: int | None) -> None:
-    available = _cuda_count()
-    if available == 0:
-        raise InvalidArgumentError(
-            f"gpus={gpus!r} was requested, but this machine has no usable CUDA GPU "
-            f"(torch.cuda.is_available() is False). To run on the CPU with the gloo "
-            f"backend, use nprocs={len(device_ids)} instead.")
-    if max(device_ids) >= available:
-        raise InvalidArgumentError(
-            f"gpus={gpus!r} asks for device {max(device_ids)}, but only {available} "
-            f"GPU(s) are visible (ids 0..{available - 1}).")
-    if nprocs is not None and nprocs != len(device_ids):
-        raise InvalidArgumentError(
-            f"nprocs={nprocs} does not match gpus={gpus!r} ({len(device_ids)} device(s)): "
-            f"nbdist runs one process per GPU; drop nprocs or make them agree.")
-
-
-def _cuda_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+def new_job(job_dir: JobDir, plan: Plan, return_all: bool, pool: str | None = None) -> Job:
+    """The record of a job (or a pool's task) about to run in ``job_dir``."""
+    return Job(id=job_dir.id, dir=str(job_dir.path), nprocs=plan.world_size,
+               backend=plan.backend, return_all=return_all, pool=pool,
+               hosts=list(plan.hosts) if plan.hosts else None,
+               ranks=[RankStatus(r, log=str(job_dir.log(r)))
+                      for r in range(plan.world_size)])
 
 
 def _pack_and_launch(job_dir: JobDir, fn: Callable, args: tuple, kwargs: dict,
@@ -282,7 +187,7 @@ def _pack_and_launch(job_dir: JobDir, fn: Callable, args: tuple, kwargs: dict,
     def start() -> None:  # runs inside torch.save: an error here is not a pickling one
         try:
             write_spec(job_dir, plan, return_all)
-            started.append(Launch(job_dir, plan.nprocs, worker_env(plan, env)))
+            started.append(launchers.start(job_dir, plan, env))
         except Exception as exc:
             failed.append(exc)
 
@@ -319,31 +224,15 @@ def write_payload(job_dir: JobDir, fn: Callable, args: tuple, kwargs: dict, *,
 def write_spec(job_dir: JobDir, plan: Plan, return_all: bool, **more: Any) -> None:
     """Everything else the ranks read: the job's shape and the entry script."""
     write_json_atomic(job_dir.spec, {
-        "nprocs": plan.nprocs, "backend": plan.backend, "device": plan.device,
-        "return_all": return_all, "caller_pid": os.getpid(), **more,
+        "nprocs": plan.nprocs, "world_size": plan.world_size, "backend": plan.backend,
+        "device": plan.device, "return_all": return_all,
+        # the ranks watch the caller's pid only where it is the caller's (one machine);
+        # elsewhere each watches its link to the caller (launch/hosts.py)
+        "caller_pid": None if plan.remote else os.getpid(), **more,
     })
     cwd = os.getcwd()
     sys_path = [os.path.abspath(p) if p else cwd for p in sys.path]
     job_dir.entry.write_text(entry_script(job_dir, cwd=cwd, sys_path=sys_path))
-
-
-def worker_env(plan: Plan, extra: dict[str, str] | None) -> dict[str, str]:
-    env = {**frameworks.launch_env(plan.device), **os.environ}
-    env.update({k: str(v) for k, v in (extra or {}).items()})
-    env["PYTHONUNBUFFERED"] = "1"  # prints reach the log (and the notebook) at once
-    # torch without numpy warns at every import; the caller's own import said it once
-    env["PYTHONWARNINGS"] = ",".join(filter(None, (env.get("PYTHONWARNINGS"),
-                                                   "ignore:Failed to initialize NumPy")))
-    # torchrun sets 1 anyway when unset, and prints a banner about it
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env["NBDIST_DEVICE"] = plan.device
-    if plan.backend == "gloo" and os.path.exists("/sys/class/net/lo"):
-        # a single-machine job: keep gloo's sockets on loopback, not on whatever
-        # interface the host name resolves to
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    if plan.visible_devices is not None:
-        env["CUDA_VISIBLE_DEVICES"] = plan.visible_devices
-    return env
 
 
 def supervise(launch: Launch, job: Job, view: displays.Display, *,
@@ -366,6 +255,8 @@ def supervise(launch: Launch, job: Job, view: displays.Display, *,
     stall = _StallWatch(launch, view, stall_warning)
 
     def pump(final: bool = False) -> None:
+        for notice in launch.take_notices():
+            view.notice(notice)
         for event in events.poll():
             _apply(event, job, launch)
             view.event(event)
@@ -396,7 +287,9 @@ def supervise(launch: Launch, job: Job, view: displays.Display, *,
                 return
             view.tick()  # redraw the clock between events (the display throttles itself)
             stall.check()
-            elapsed = time.monotonic() - started
+            # both count from the ranks' start, not from a wait in Slurm's queue
+            elapsed = (0.0 if launch.started_at is None
+                       else time.monotonic() - max(started, launch.started_at))
             if timeout is not None and elapsed > timeout:
                 raise stop(_timeout_error, timeout)
             if (init_timeout is not None and elapsed > init_timeout
@@ -450,7 +343,7 @@ def _apply(event, job: Job, launch: Launch) -> None:
     if "pid" in event.data:
         status.pid = event.data["pid"]
         status.host = event.data.get("host")
-        launch.worker_pids[event.rank] = status.pid
+        launch.note_rank(event.rank, status.pid, status.host)
     if "exitcode" in event.data:
         status.exitcode = event.data["exitcode"]
     if status.state == RankState.DONE:

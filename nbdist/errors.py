@@ -100,5 +100,10 @@ class InitTimeoutError(JobTimeoutError):
 
 
 class LaunchError(NbdistError):
-    """torchrun itself failed or was killed (not one of the workers)."""
+    """torchrun itself failed or was killed (not one of the workers), or a host could
+    not be reached or went away (``host`` names it)."""
+
+    def __init__(self, message: str, *, host: str | None = None):
+        super().__init__(message)
+        self.host = host
 

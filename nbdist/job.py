@@ -69,6 +69,9 @@ class Job:
     error: str | None = None  # one line: the exception the caller saw
     result_loaded: bool = False
     pool: str | None = None  # the pool's id, for a task of a warm pool
+    # the hosts the ranks run on, as the caller named them (None: this machine only);
+    # which rank landed on which host each rank reports (RankStatus.host)
+    hosts: list[str] | None = None
 
     def take_result(self) -> Any:
         """The value the caller returns: rank 0's, or every rank's with ``return_all``."""
@@ -238,8 +241,13 @@ def read_error(job_dir: JobDir, rank: int) -> dict | None:
         return None
 
 
-def diagnose(job: Job, launcher_exitcode: int | None) -> BaseException:
-    """The exception to raise for a failed job: the root cause, peers mentioned."""
+def diagnose(job: Job, launcher_exitcode: int | None,
+             lost: dict[str, str] | None = None) -> BaseException:
+    """The exception to raise for a failed job: the root cause, peers mentioned.
+
+    ``lost``: hosts that went away (``{host: why}``: the link to them broke, or they
+    never started); only a rank's own exception outranks them.
+    """
     job_dir = JobDir(job.dir)
     failures = read_failures(job_dir)
     for rank, failure in failures.items():
@@ -259,6 +267,8 @@ def diagnose(job: Job, launcher_exitcode: int | None) -> BaseException:
             # the agent's timestamp is whole seconds; assume mid-second
             suspects.append((3 if torn_down else 1, failure["timestamp"] + 0.5,
                              status.rank, None))
+    if lost and not any(priority == 0 for priority, *_ in suspects):
+        return _lost_host_error(job, lost)
     if not suspects:
         return LaunchError(
             f"torchrun exited with {_describe_exit(launcher_exitcode)} before any rank "
@@ -337,6 +347,17 @@ def _mismatched_collectives(message: str) -> str | None:
             "collective under `if rank == 0:` is the usual cause).") if calls else None
 
 
+def _lost_host_error(job: Job, lost: dict[str, str]) -> LaunchError:
+    host, why = next(iter(lost.items()))
+    ranks = [r.rank for r in job.ranks if r.host == host]
+    on = f" (ranks {', '.join(map(str, ranks))})" if ranks else ""
+    exc = LaunchError(f"host {host}{on}: {why}", host=host)
+    if len(lost) > 1:
+        exc.add_note("[nbdist] also lost: " + "; ".join(
+            f"host {h}: {w.splitlines()[0]}" for h, w in list(lost.items())[1:]))
+    return exc
+
+
 def _crash_error(job: Job, rank: int) -> WorkerCrashedError:
     status = job.ranks[rank]
     log_tail = tail(Path(status.log), LOG_TAIL_LINES)
@@ -345,8 +366,9 @@ def _crash_error(job: Job, rank: int) -> WorkerCrashedError:
         hint = (" SIGKILL often means the machine ran out of memory (the kernel's OOM "
                 "killer); check `dmesg` or reduce the batch size.")
     shown = log_tail if log_tail else "(the log is empty)"
+    on = f" on host {status.host}" if job.hosts and status.host else ""
     return WorkerCrashedError(
-        f"rank {rank} died without a Python exception: {_describe_exit(status.exitcode)}."
+        f"rank {rank}{on} died without a Python exception: {_describe_exit(status.exitcode)}."
         f"{hint}\nLast lines of its log ({status.log}):\n{shown}",
         rank=rank, exitcode=status.exitcode, signal_name=status.signal_name,
         log_tail=log_tail)

@@ -42,6 +42,7 @@ from typing import Any, Iterable
 from nbdist import api, payload, runtime
 from nbdist.cell import HELPERS, PREDEFINED, RANK_VALUES, Cell, compile_body, run_cell
 from nbdist.errors import InvalidArgumentError, NbdistError, PicklingError
+from nbdist.plan import plan_launch
 from nbdist.pool import Pool, check_options
 from nbdist.rankstacks import stacks
 from nbdist.scope import names_assigned, names_read
@@ -227,7 +228,7 @@ def _job_options(args, usage: str) -> dict[str, Any]:
     shape = {"nprocs": args.nprocs, "gpus": args.gpus, "backend": args.backend,
              "timeout": args.timeout}
     try:
-        api.plan_job(run_cell, init_timeout=api.DEFAULT_INIT_TIMEOUT, **shape)
+        plan_launch(init_timeout=api.DEFAULT_INIT_TIMEOUT, **shape)
     except InvalidArgumentError as exc:
         raise UsageError(f"{usage}%%distributed: {_as_options(str(exc))}") from None
     if args.stall_warning is not None and args.stall_warning < 0:

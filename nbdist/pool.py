@@ -38,10 +38,12 @@ from typing import Any, Callable, Sequence
 
 from nbdist import api, rankstacks
 from nbdist import display as displays
+from nbdist import launch as launchers
 from nbdist.errors import InvalidArgumentError, NbdistError
-from nbdist.job import Job, RankStatus, diagnose, prune_jobs, read_results
-from nbdist.jobdir import JobDir, write_json_atomic
-from nbdist.launcher import Launch, is_rank_of
+from nbdist.job import Job, diagnose, prune_jobs, read_results
+from nbdist.jobdir import JobDir
+from nbdist.launch.local import Launch
+from nbdist.plan import check_callable, check_seconds, debug_env, plan_launch
 from nbdist.states import REPORTED, JobState, RankState
 
 FAILURE_GRACE = 2.0  # seconds the other ranks get to finish once one rank failed
@@ -79,19 +81,22 @@ class Pool:
     def __init__(self, nprocs: int | None = None, *,
                  gpus: int | str | Sequence[int] | None = None, backend: str | None = None,
                  env: dict[str, str] | None = None, persist: bool = False,
-                 init_timeout: float | None = api.DEFAULT_INIT_TIMEOUT, debug: bool = False):
-        self.plan = api.plan_launch(nprocs=nprocs, gpus=gpus, backend=backend,
-                                    timeout=None, init_timeout=init_timeout)
+                 init_timeout: float | None = api.DEFAULT_INIT_TIMEOUT, debug: bool = False,
+                 hosts: str | Sequence[str] | None = None,
+                 ssh_options: Sequence[str] | None = None,
+                 slurm: dict[str, Any] | bool | None = None):
+        self.plan = plan_launch(nprocs=nprocs, gpus=gpus, backend=backend, timeout=None,
+                                init_timeout=init_timeout, hosts=hosts,
+                                ssh_options=ssh_options, slurm=slurm)
         self.persist = persist
-        self.env = dict(api.debug_env(env, debug) or {})
-        self.options = {"nprocs": nprocs, "gpus": gpus, "backend": backend, "debug": debug}
+        self.env = dict(debug_env(env, debug) or {})
+        self.options = {"nprocs": nprocs, "gpus": gpus, "backend": backend, "debug": debug,
+                        "hosts": hosts, "ssh_options": ssh_options, "slurm": slurm}
         self.tasks = 0  # tasks run on the current ranks
         self.kept_names: set[str] = set()  # persist: names the ranks' namespaces hold
         self._launch: Launch | None = None
         self._dir: JobDir | None = None
         self._ranks: Job | None = None  # the pool's own record: its ranks' pids and states
-        self._wake: list[int] = []
-        self._seq = 0
         self._idle_since = time.monotonic()
         self.closed = False
         _open_pools.add(self)
@@ -100,7 +105,8 @@ class Pool:
     # --- what the user calls ---------------------------------------------------------
     @property
     def nprocs(self) -> int:
-        return self.plan.nprocs
+        """Ranks in all (hosts x ranks per host)."""
+        return self.plan.world_size
 
     @property
     def alive(self) -> bool:
@@ -110,11 +116,11 @@ class Pool:
             return_all: bool = False, display: str = "auto", all_ranks: bool = False,
             stall_warning: float | None = api.DEFAULT_STALL_WARNING, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` on every rank of the pool; return rank 0's value."""
-        api.check_callable(fn)
+        check_callable(fn)
         if self.closed:
             raise InvalidArgumentError("this pool is closed; make a new nbdist.Pool")
-        api.check_seconds("timeout", timeout)
-        api.check_seconds("stall_warning", stall_warning)
+        check_seconds("timeout", timeout)
+        check_seconds("stall_warning", stall_warning)
         view = displays.create(display, all_ranks=all_ranks)
         if not self.alive:
             self._restart_lost()
@@ -125,7 +131,7 @@ class Pool:
         try:
             view.start(job)
             self._wait_ready(view)
-            self._post(task, return_all)
+            self._launch.post(task, return_all)
             return self._outcome(job, view, timeout, stall_warning)
         except KeyboardInterrupt as exc:
             job.status = JobState.INTERRUPTED
@@ -148,9 +154,10 @@ class Pool:
         return {
             "alive": self.alive, "nprocs": self.nprocs, "backend": self.plan.backend,
             "device": self.plan.device, "visible_devices": self.plan.visible_devices,
+            "hosts": list(self.plan.hosts) if self.plan.hosts else None,
             "persist": self.persist, "tasks": self.tasks,
             "idle_seconds": round(time.monotonic() - self._idle_since, 1),
-            "ranks": [{"rank": r.rank, "pid": r.pid,
+            "ranks": [{"rank": r.rank, "pid": r.pid, "host": r.host,
                        "state": RankState.IDLE if r.state == RankState.READY and self.alive
                        else r.state}
                       for r in ranks],
@@ -168,7 +175,7 @@ class Pool:
             return
         if self.alive:
             with contextlib.suppress(OSError):
-                self._post(None, False, stop=True)
+                self._launch.post(None, False, stop=True)
             deadline = time.monotonic() + CLOSE_GRACE
             while self._launch.poll() is None and time.monotonic() < deadline:
                 self._launch.wait(0.05)
@@ -193,22 +200,13 @@ class Pool:
         pool = JobDir.create()
         try:
             api.write_spec(pool, self.plan, False, pool=True, persist=self.persist)
-            self._wake = []
-            for rank in range(self.nprocs):
-                os.mkfifo(pool.wake(rank), 0o600)
-                # read-write: opening never blocks, and the FIFO never reports EOF
-                self._wake.append(os.open(pool.wake(rank), os.O_RDWR | os.O_NONBLOCK))
-            self._launch = Launch(pool, self.nprocs, api.worker_env(self.plan, self.env))
+            self._launch = launchers.start(pool, self.plan, self.env, pool=True)
         except BaseException:
             self._stop()
             shutil.rmtree(pool.path, ignore_errors=True)
             raise
         self._dir = pool
-        self._ranks = Job(id=pool.id, dir=str(pool.path), nprocs=self.nprocs,
-                          backend=self.plan.backend,
-                          ranks=[RankStatus(r, log=str(pool.log(r)))
-                                 for r in range(self.nprocs)])
-        self._seq = 0
+        self._ranks = api.new_job(pool, self.plan, False)
         self.tasks = 0
         self.kept_names = set()
 
@@ -223,10 +221,6 @@ class Pool:
     def _stop(self) -> None:
         if self._launch is not None:
             self._launch.kill()
-        for fd in self._wake:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._wake = []
         self._launch = None
 
     def _teardown(self, exc: BaseException) -> None:
@@ -254,25 +248,14 @@ class Pool:
             self._teardown(exc)
             raise
         if self._launch.poll() is not None:
-            exc = diagnose(record, self._launch.poll())
+            exc = diagnose(record, self._launch.poll(), lost=self._launch.lost_hosts())
             self._teardown(exc)
             raise exc
 
     # --- one task --------------------------------------------------------------------
     def _new_task(self, return_all: bool) -> tuple[JobDir, Job]:
         task = JobDir.create()
-        job = Job(id=task.id, dir=str(task.path), nprocs=self.nprocs,
-                  backend=self.plan.backend, return_all=return_all, pool=self._dir.id,
-                  ranks=[RankStatus(r, log=str(task.log(r))) for r in range(self.nprocs)])
-        return task, job
-
-    def _post(self, task: JobDir | None, return_all: bool, *, stop: bool = False) -> None:
-        self._seq += 1
-        write_json_atomic(self._dir.task, {
-            "seq": self._seq, "dir": str(task.path) if task else None,
-            "return_all": return_all, "stop": stop}, durable=False)
-        for fd in self._wake:
-            os.write(fd, b"\0")
+        return task, api.new_job(task, self.plan, return_all, pool=self._dir.id)
 
     def _outcome(self, job: Job, view: displays.Display, timeout: float | None,
                  stall_warning: float | None) -> Any:
@@ -317,7 +300,7 @@ class Pool:
         pool_failures = self._dir.failures
         with contextlib.suppress(FileNotFoundError):  # the exit codes torchrun saw
             shutil.copy(pool_failures, JobDir(job.dir).failures)
-        exc = diagnose(job, self._launch.poll())
+        exc = diagnose(job, self._launch.poll(), lost=self._launch.lost_hosts())
         self._teardown(exc)
         return exc
 
@@ -356,7 +339,7 @@ class Pool:
         task, job = self._new_task(False)
         try:
             api.write_payload(task, check_health, (), {}, on_pickled=lambda: None)
-            self._post(task, False)
+            self._launch.post(task, False)
             api.supervise(self._launch, job, displays.create("none"),
                           timeout=HEALTH_TIMEOUT, init_timeout=None,
                           until=lambda: _reported(job))
@@ -369,10 +352,7 @@ class Pool:
             shutil.rmtree(task.path, ignore_errors=True)
 
     def _signal(self, sig: signal.Signals) -> None:
-        for pid in self._launch.worker_pids.values():
-            if is_rank_of(pid, self._launch.job):  # not a stranger that reused the pid
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, sig)
+        self._launch.signal(sig)
 
 
 def _reported(job: Job) -> bool:
@@ -394,8 +374,8 @@ def check_options(pool: Pool, *, nprocs: int | None, gpus: Any, backend: str | N
     if backend is not None and backend != have.backend:
         asked.append(f"backend {backend}")
     if gpus is not None:
-        wanted = api.plan_launch(nprocs=None, gpus=gpus, backend=None, timeout=None,
-                                 init_timeout=None)
+        wanted = plan_launch(nprocs=None, gpus=gpus, backend=None, timeout=None,
+                             init_timeout=None)
         if (wanted.visible_devices, wanted.nprocs) != (have.visible_devices, have.nprocs):
             asked.append(f"GPUs {wanted.visible_devices}")
     if asked:

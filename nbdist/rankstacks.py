@@ -60,14 +60,10 @@ class Frame:
 
 def collect(launch) -> dict[int, str]:
     """Signal the launch's ranks and return what each dumped, as text."""
-    from nbdist.launcher import is_rank_of
-
-    ranks = dict(launch.worker_pids)  # the pids the ranks reported
-    files = {r: launch.job.stacks(r) for r, pid in ranks.items() if is_rank_of(pid, launch.job)}
+    # on another host, the dump reaches the caller's file through the host's relay
+    files = {r: launch.job.stacks(r) for r in launch.live_ranks()}
     offsets = {r: _size(path) for r, path in files.items()}
-    for rank in files:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(ranks[rank], SIGNAL)
+    launch.signal(SIGNAL)
     deadline = time.monotonic() + DUMP_WAIT
     sizes: dict[int, int] = {}
     while time.monotonic() < deadline:  # until every file grew and stopped growing

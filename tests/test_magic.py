@@ -215,7 +215,7 @@ def test_globals_in_names_out_and_rank0_output(kernel):
     assert kernel.value("type(trainer).__name__, type(trainer.model).__name__") == (
         "Holder", "Linear")
     # a rank running a cell imports the rank side only, none of the caller's machinery
-    caller_side = {"nbdist.api", "nbdist.magic", "nbdist.launcher", "nbdist.display"}
+    caller_side = {"nbdist.api", "nbdist.magic", "nbdist.launch", "nbdist.plan", "nbdist.display"}
     assert not caller_side & set(kernel.value("rank_modules"))
     assert kernel.value("reported, patched, 'fragile' in globals()") == (
         "the notebook's report", "patched on the ranks too", False)

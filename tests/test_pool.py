@@ -21,6 +21,7 @@ import torch.distributed as dist
 import nbdist
 from conftest import kill_caller, wait_gone
 from helpers import job_dirs, rank_states, start_script
+from nbdist.plan import plan_launch
 from nbdist.pool import KEPT, LOST
 
 
@@ -233,16 +234,16 @@ def test_a_cell_may_leave_out_what_the_pool_decides(monkeypatch):
     """On a GPU pool, a cell without options (or with the pool's own) is fine."""
     from types import SimpleNamespace
 
-    from nbdist import api
+    from nbdist import plan as plan_module
     from nbdist.pool import check_options
 
-    monkeypatch.setattr(api, "_cuda_count", lambda: 2)
-    pool = SimpleNamespace(plan=api.plan_launch(nprocs=None, gpus=None, backend=None,
+    monkeypatch.setattr(plan_module, "_cuda_count", lambda: 2)
+    pool = SimpleNamespace(plan=plan_launch(nprocs=None, gpus=None, backend=None,
                                                 timeout=None, init_timeout=None))
     assert (pool.plan.device, pool.plan.backend, pool.plan.nprocs) == ("cuda", "nccl", 2)
     check_options(pool, nprocs=None, gpus=None, backend=None)
     check_options(pool, nprocs=2, gpus=None, backend="nccl")
-    pool.plan = api.plan_launch(nprocs=None, gpus="0,1", backend=None, timeout=None,
+    pool.plan = plan_launch(nprocs=None, gpus="0,1", backend=None, timeout=None,
                                 init_timeout=None)
     check_options(pool, nprocs=None, gpus="0,1", backend=None)
     for asked, said in ((dict(nprocs=1), "1 ranks"), (dict(gpus=[1]), "GPUs 1"),

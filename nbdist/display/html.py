@@ -4,7 +4,8 @@ Used live by ``notebook.py`` for the loss chart, the failure panel, the per-rank
 view and the HTML that stands beside the live widgets, and at the end for the static
 copy of the whole dashboard (with every rank's last log lines) that replaces the
 widgets, so the saved notebook still shows the outcome where widget state is not saved
-(nbviewer, GitHub).
+(nbviewer, GitHub). On several hosts, a row ``host gpu2 — ranks 2-3`` heads each host's
+ranks.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import re
 import time
 from pathlib import Path
 
-from nbdist.display.state import (LOG_SCALE_SPAN, LOG_VIEW_LINES, JobView, RankView,
-                                  describe_failure, format_duration, format_metrics,
+from nbdist.display.state import (LOG_SCALE_SPAN, LOG_VIEW_LINES, HostGroup, JobView,
+                                  RankView, describe_failure, format_duration, format_metrics,
                                   format_value, log_path, progress_text)
 from nbdist.states import JobState, RankState
 
@@ -52,8 +53,13 @@ def header_html(view: JobView) -> str:
     return (f'<div style="{MONO}"><b>nbdist</b> {"task" if where else "job"} '
             f'<code>{esc(job.id)}</code>{where} · '
             f'<span style="color:{color}; font-weight:600">{esc(view.status)}</span> · '
-            f'{format_duration(view.elapsed())} · {len(view.ranks)} ranks · '
+            f'{format_duration(view.elapsed())} · {view.ranks_text()} · '
             f'{esc(job.backend)}</div>')
+
+
+def host_html(group: HostGroup) -> str:
+    """The line above one host's ranks."""
+    return f'<span style="{MONO}; font-weight:600">{esc(group.title)}</span>'
 
 
 def info_html(view: JobView, rank: RankView) -> str:
@@ -81,7 +87,7 @@ def failures_html(view: JobView) -> str:
         if not rank.bad:
             continue
         what = describe_failure(rank)
-        title = f"rank {rank.rank} {rank.state}" + (f": {what}" if what else "")
+        title = f"{view.rank_name(rank)} {rank.state}" + (f": {what}" if what else "")
         body = ""
         if rank.log_tail:
             path = view.job.ranks[rank.rank].log if rank.rank < len(view.job.ranks) else ""
@@ -127,7 +133,7 @@ def rank_logs_html(view: JobView, tails: dict[int, str]) -> str:
         body = (f'<pre style="{MONO}; margin:2px 0 4px 16px; padding:4px 6px; '
                 f'max-height:18em; overflow:auto; background:#f6f8fa; '
                 f'white-space:pre-wrap">{log_text(text)}</pre>' if text else "")
-        parts.append(f'<details><summary style="{MONO}; cursor:pointer">rank {rank.rank} '
+        parts.append(f'<details><summary style="{MONO}; cursor:pointer">{view.rank_name(rank)} '
                      f'{state_html(rank.state, view.label(rank))} · {what}</summary>'
                      f'{body}</details>')
     return f'<div style="margin-top:4px">{"".join(parts)}</div>' if parts else ""
@@ -222,14 +228,11 @@ def dashboard_html(view: JobView, logs: dict[int, str] | None = None) -> str:
 
     ``logs``: the last lines of each rank's log, shown collapsed under the dashboard.
     """
-    rows = []
-    for rank in view.ranks:
-        fraction = rank.fraction()
-        pct = "" if fraction is None else f"{fraction:.0%}"
-        rows.append(
-            f'<tr><td style="{MONO}">rank {rank.rank}</td><td>{state_html(rank.state, view.label(rank))}</td>'
-            f'<td>{bar_html(fraction, rank.state)}</td><td style="{MONO}">{pct}</td>'
-            f'<td>{info_html(view, rank)}</td><td>{metrics_html(rank)}</td></tr>')
+    groups = view.host_groups()
+    rows = [] if groups else [rank_row_html(view, rank) for rank in view.ranks]
+    for group in groups:
+        rows.append(f'<tr><td colspan="6" style="padding-top:4px">{host_html(group)}</td></tr>')
+        rows += [rank_row_html(view, rank) for rank in group.ranks]
     table = ('<table style="border-collapse:collapse; margin:4px 0">'
              + "".join(rows) + "</table>")
     chart = chart_svg(view)
@@ -240,10 +243,18 @@ def dashboard_html(view: JobView, logs: dict[int, str] | None = None) -> str:
             f'{rank_logs_html(view, logs or {})}</div>')
 
 
+def rank_row_html(view: JobView, rank: RankView) -> str:
+    fraction = rank.fraction()
+    pct = "" if fraction is None else f"{fraction:.0%}"
+    return (f'<tr><td style="{MONO}">rank {rank.rank}</td><td>{state_html(rank.state, view.label(rank))}</td>'
+            f'<td>{bar_html(fraction, rank.state)}</td><td style="{MONO}">{pct}</td>'
+            f'<td>{info_html(view, rank)}</td><td>{metrics_html(rank)}</td></tr>')
+
+
 def live_fallback_text(view: JobView) -> str:
     """What stands for the live widgets where they cannot be drawn."""
     job = view.job
-    return (f"nbdist job {job.id} running… ({len(view.ranks)} ranks, {job.backend}, "
+    return (f"nbdist job {job.id} running… ({view.ranks_text()}, {job.backend}, "
             f"started {time.strftime('%H:%M:%S', time.localtime(job.started))}; the "
             f"live view needs the kernel and ipywidgets; logs: {job.dir})")
 
@@ -256,7 +267,7 @@ def live_fallback_html(view: JobView) -> str:
     return (f'<div class="nbdist-live" style="border:1px solid #ddd; '
             f'padding:6px"><div style="{MONO}"><b>nbdist</b> job <code>{esc(job.id)}'
             f'</code> · <span style="color:{JOB_COLORS[JobState.RUNNING]}; font-weight:600">'
-            f'running…</span> · {len(view.ranks)} ranks · {esc(job.backend)} · started '
+            f'running…</span> · {view.ranks_text()} · {esc(job.backend)} · started '
             f'{esc(started)}</div><div style="{MONO}; color:#666">the live view needs '
             f'the kernel and ipywidgets; when the job ends the final dashboard replaces '
             f'this. Logs: {esc(job.dir)}</div></div>')
@@ -268,6 +279,6 @@ def dashboard_text(view: JobView) -> str:
     lines += ["  " + view.rank_line(rank) for rank in view.ranks]
     for rank in view.ranks:
         if rank.bad and rank.log_tail:
-            lines.append(f"  --- last lines of rank {rank.rank}'s log ---")
+            lines.append(f"  --- last lines of {view.rank_name(rank)}'s log ---")
             lines += ["  " + line for line in rank.log_tail.splitlines()]
     return "\n".join(lines)

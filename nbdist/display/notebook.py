@@ -9,6 +9,9 @@
     rank N failed: ... and the last lines of its log, when one fails
     log of rank  [none] [0] [1]      ← pick a rank: its newest lines, followed live
 
+On several hosts, a line ``host gpu2 — ranks 2-3`` heads each host's rows; the rows
+are rearranged when a rank reports a host other than the one it was planned on.
+
 The log view reads only the picked rank's log (``rank-N.log``), at most every
 ``RENDER_INTERVAL``, from where it last stopped, and keeps its last ``LOG_VIEW_LINES``
 lines. The frontend's click reaches the kernel mid-cell only where widget messages
@@ -192,6 +195,8 @@ class NotebookDisplay(Display):
         self.display_id = f"nbdist-{uuid.uuid4().hex}"
         self.view: JobView | None = None
         self.rows: list[RankRow] = []
+        self.host_headers: dict[str | None, widgets.HTML] = {}  # made when first shown
+        self._arranged: list | None = None  # the host groups the box shows
         self._dirty = False
         self._chart_dirty = False
         self._last_render = float("-inf")
@@ -213,8 +218,6 @@ class NotebookDisplay(Display):
         self.failures = widgets.HTML()
         self.logs = LogView.create(job.nprocs)
         self.box = widgets.VBox(
-            [self.header, *[row.box for row in self.rows], self.chart, self.failures,
-             self.logs.box],
             layout=widgets.Layout(border="1px solid #ddd", padding="4px 8px", width="100%"))
         self._render()
         bundle = dict(self.box._repr_mimebundle_() or {})
@@ -281,6 +284,7 @@ class NotebookDisplay(Display):
         self._last_render = now
         self._dirty = False
         self.header.value = h.header_html(view)
+        self._arrange()
         for row, rank in zip(self.rows, view.ranks):
             row.update(view, rank)
         if self._chart_dirty and (final or now - self._last_chart >= CHART_INTERVAL):
@@ -300,6 +304,22 @@ class NotebookDisplay(Display):
                 area.value = h.log_view_html(self._log_rank, self._log.path, self._log.text)
                 area.layout.display = ""
 
+    def _arrange(self) -> None:
+        """Lay the rows out under their hosts' headers, when the grouping changed."""
+        groups = self.view.host_groups()
+        arranged = [(g.host, [r.rank for r in g.ranks]) for g in groups]
+        if arranged == self._arranged:
+            return
+        self._arranged = arranged
+        rows = [] if groups else [row.box for row in self.rows]
+        for group in groups:
+            header = self.host_headers.get(group.host)
+            if header is None:
+                header = self.host_headers[group.host] = widgets.HTML()
+            header.value = h.host_html(group)
+            rows += [header, *(self.rows[r.rank].box for r in group.ranks)]
+        self.box.children = [self.header, *rows, self.chart, self.failures, self.logs.box]
+
     def _follow_log(self) -> None:
         """Read what the picked rank appended to its log (only that rank's)."""
         # the picker's value is set by the frontend's comm, on another thread (a
@@ -318,7 +338,8 @@ class NotebookDisplay(Display):
         # the static copy replaced them on screen; free their models in the frontend
         logs = self.logs
         parts = [self.box, self.header, self.chart, self.failures,
-                 logs.box, logs.bar, logs.label, logs.picker, logs.area]
+                 logs.box, logs.bar, logs.label, logs.picker, logs.area,
+                 *self.host_headers.values()]
         for row in self.rows:
             parts += [row.box, row.name, row.state, row.progress, row.info, row.metrics]
         for widget in parts:

@@ -10,6 +10,9 @@ the end::
     [nbdist] rank 1 running  epoch 2/3 › train 44/100 (44%) 12.1 it/s ETA 0:05  loss=0.30
     [nbdist] rank 1 failed  ValueError, exit code 1
     [nbdist] job 1a2b failed in 0:07 (2 ranks; logs: ~/.cache/nbdist/jobs/1a2b)
+
+On several hosts, nbdist's lines name each rank's host (``rank 2 @gpu2 running ...``);
+the ``[rank N]`` prefixes of streamed output stay as they are.
 """
 
 from __future__ import annotations
@@ -110,7 +113,7 @@ class PlainDisplay(Display):
                 self._show_failure(rank)
             metrics = format_metrics(view.ranks[0].metrics) if view.ranks else ""
             if metrics:
-                self._line(f"rank 0 final metrics: {metrics}")
+                self._line(f"{view.rank_name(view.ranks[0])} final metrics: {metrics}")
         self._line(f"job {job.id} {job.status} in {job.duration:.1f}s "
                    f"({job.nprocs} ranks; logs: {job.dir})")
 
@@ -118,7 +121,8 @@ class PlainDisplay(Display):
         """One line for a failed rank, the first time it is seen failed."""
         if rank.bad and rank.rank not in self._failed_shown:
             self._failed_shown.add(rank.rank)
-            self._line(f"rank {rank.rank} {rank.state}  {describe_failure(rank)}")
+            self._line(f"{self._view.rank_name(rank)} {rank.state}  "
+                       f"{describe_failure(rank)}")
 
     def notice(self, text: str) -> None:
         self.stream.write(text + "\n")

@@ -1,10 +1,15 @@
 """What a display knows about a running job, independent of how it is drawn.
 
 Every display folds the same event stream (``channel.py``) into a :class:`JobView`:
-per rank its state, its progress bars (from ``track``), its latest metrics (from
-``report``), and rank 0's metric history for the loss chart. The drawing code
+per rank its state, its host, its progress bars (from ``track``), its latest metrics
+(from ``report``), and rank 0's metric history for the loss chart. The drawing code
 (``plain.py``, ``terminal.py``, ``notebook.py``) only reads it, so the three show the
 same numbers and are tested against the same recorded events.
+
+Hosts: a job on several hosts (``job.hosts``) shows its ranks grouped by host
+(:meth:`JobView.host_groups`). Until a rank names its host (its first STATUS event) it
+is counted on the host it was planned for; torch's rendezvous decides where it lands.
+A job on one machine has no groups, and its displays show no hosts.
 
 Times: a bar's rate is computed from the worker's own timestamps (the event times),
 so polling delays do not distort it; "elapsed" and "idle for" use the display's clock,
@@ -91,6 +96,7 @@ class Bar:
 @dataclass
 class RankView:
     rank: int
+    host: str | None = None  # as the rank reported it, else where it was planned
     state: RankState = RankState.PENDING
     exitcode: int | None = None
     error: str | None = None  # the exception's type name, when the rank reported one
@@ -157,6 +163,19 @@ class RankView:
         return None if bar is None else 0.0
 
 
+@dataclass
+class HostGroup:
+    """The ranks of one host, in rank order; ``host`` None: not known yet."""
+
+    host: str | None
+    ranks: list[RankView]
+
+    @property
+    def title(self) -> str:
+        """``host gpu2 — ranks 2-3``."""
+        return f"host {self.host or '?'} — {format_ranks([r.rank for r in self.ranks])}"
+
+
 class Series:
     """A bounded history of one metric: (step, value), thinned to half when full."""
 
@@ -192,7 +211,8 @@ class JobView:
         self.job = job
         self.clock = clock
         self.streamed = streamed if streamed is not None else {0}
-        self.ranks = [RankView(r.rank) for r in job.ranks]
+        self.ranks = [RankView(r.rank, host=r.host or planned_host(job, r.rank))
+                      for r in job.ranks]
         self.status = JobState.RUNNING
         self.started = clock()
         self.ended: float | None = None
@@ -218,6 +238,8 @@ class JobView:
     def _status(self, rank: RankView, event: "Event") -> bool:
         data = event.data
         rank.state = RankState(data.get("state", rank.state))
+        if data.get("host"):
+            rank.host = data["host"]
         if "exitcode" in data:
             rank.exitcode = data["exitcode"]
         if data.get("error"):
@@ -281,6 +303,8 @@ class JobView:
                     else RankState.STOPPED
             if status.exitcode is not None:
                 rank.exitcode = status.exitcode
+            if status.host:  # what a display started late (a fallback) did not see
+                rank.host = status.host
             if rank.bad:
                 self._read_tail(rank)  # again: the log may have grown since
 
@@ -302,6 +326,31 @@ class JobView:
             return None
         idle = self.clock() - bar.advanced
         return idle if idle >= IDLE_AFTER else None
+
+    def host_groups(self) -> list[HostGroup]:
+        """The ranks by host: ``job.hosts`` in order, then hosts only the ranks named.
+
+        Empty unless the ranks are on more than one host: a job on one machine (or
+        whose hosts are not known yet) is shown without hosts.
+        """
+        by_host: dict[str | None, list[RankView]] = {h: [] for h in self.job.hosts or []}
+        for rank in self.ranks:
+            by_host.setdefault(rank.host, []).append(rank)
+        groups = [HostGroup(host, ranks) for host, ranks in by_host.items() if ranks]
+        if sum(g.host is not None for g in groups) < 2:
+            return []
+        return sorted(groups, key=lambda g: g.host is None)  # the unknown last
+
+    def rank_name(self, rank: RankView) -> str:
+        """``rank 2``, or ``rank 2 @gpu2`` when the job runs on several hosts."""
+        if rank.host and self.host_groups():
+            return f"rank {rank.rank} @{rank.host}"
+        return f"rank {rank.rank}"
+
+    def ranks_text(self) -> str:
+        """``4 ranks``, or ``4 ranks on 2 hosts``."""
+        hosts = len(self.host_groups())
+        return f"{len(self.ranks)} ranks" + (f" on {hosts} hosts" if hosts else "")
 
     def chart_keys(self) -> list[str]:
         """Rank 0's metrics worth plotting: every ``*loss*``, else the first reported."""
@@ -336,7 +385,7 @@ class JobView:
 
     def rank_line(self, rank: RankView) -> str:
         """Everything about one rank on one line, for plain text."""
-        parts = [f"rank {rank.rank} {self.label(rank)}"]
+        parts = [f"{self.rank_name(rank)} {self.label(rank)}"]
         if rank.state == RankState.FAILED or rank.exitcode not in (None, 0):
             parts.append(describe_failure(rank))
         progress = progress_text(rank)
@@ -352,6 +401,26 @@ class JobView:
 
 
 # --- text helpers shared by the displays ---------------------------------------------
+def planned_host(job: "Job", rank: int) -> str | None:
+    """The host ``rank`` is planned on: ranks fill ``job.hosts`` in order, evenly."""
+    if not job.hosts:
+        return None
+    per_host = max(1, job.nprocs // len(job.hosts))
+    return job.hosts[min(rank // per_host, len(job.hosts) - 1)]
+
+
+def format_ranks(ranks: list[int]) -> str:
+    """``rank 3``, ``ranks 2-3``, ``ranks 0, 2-3`` (ranks sorted)."""
+    spans: list[list[int]] = []
+    for r in ranks:
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    text = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
+    return f"rank {text}" if len(ranks) == 1 else f"ranks {text}"
+
+
 def progress_text(rank: RankView) -> str:
     """``epoch 2/3 › train 45/100 (45%) 12.3 it/s ETA 0:05``."""
     bar = rank.active_bar()

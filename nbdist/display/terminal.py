@@ -13,6 +13,8 @@ text; the line it is still redrawing with ``\\r`` (tqdm) stays in the dashboard,
 it updates in place and only its final state reaches the scrollback. The dashboard is
 redrawn at most ``1 / RENDER_INTERVAL`` times a second, from the supervising thread
 only (no refresh thread: nothing else reads the state while it changes).
+
+On several hosts, a line ``host gpu2 — ranks 2-3`` heads each host's rows.
 """
 
 from __future__ import annotations
@@ -139,7 +141,13 @@ class TerminalDisplay(Display):
         view = self.view
         parts: list[RenderableType] = [self._header(view)]
         # one Text per rank, padded by hand: a rich Table costs ~2 ms a row to lay out
-        parts += [self._row(view, rank) for rank in view.ranks]
+        groups = view.host_groups()
+        if not groups:
+            parts += [self._row(view, rank) for rank in view.ranks]
+        for group in groups:
+            parts.append(Text(f" {group.title}", style="bold", no_wrap=True,
+                              overflow="ellipsis"))
+            parts += [self._row(view, rank) for rank in group.ranks]
         spark = self._sparkline(view)
         if spark is not None:
             parts.append(spark)
@@ -157,7 +165,7 @@ class TerminalDisplay(Display):
         return Text.assemble(
             ("nbdist ", "bold"), (view.title, "cyan"), " · ",
             (view.status, JOB_STYLES.get(view.status, "")), " · ",
-            format_duration(view.elapsed()), f" · {len(view.ranks)} ranks · ",
+            format_duration(view.elapsed()), f" · {view.ranks_text()} · ",
             view.job.backend)
 
     def _row(self, view: JobView, rank: RankView) -> Text:
@@ -193,7 +201,7 @@ class TerminalDisplay(Display):
 
     def _failure(self, view: JobView, rank: RankView) -> Panel:
         what = describe_failure(rank)
-        title = f"rank {rank.rank} {rank.state}" + (f": {what}" if what else "")
+        title = f"{view.rank_name(rank)} {rank.state}" + (f": {what}" if what else "")
         body = Text.from_ansi(rank.log_tail) if rank.log_tail else Text(
             "(its output is above)" if rank.rank in view.streamed else "(no output)",
             style="dim")

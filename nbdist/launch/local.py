@@ -1,8 +1,8 @@
-"""Starting torchrun for a job, and stopping every process it started.
+"""Starting torchrun on this machine, and stopping every process it started.
 
 Process tree of one job::
 
-    caller (notebook kernel)
+    caller (notebook kernel), or a host's relay (``_remote.py``) for a multi-host job
      └─ python -m nbdist._agent --standalone --nproc-per-node N entry.py
         │   torchrun's own elastic agent (torch.distributed.run), in a new session,
         │   that also records per-rank exit codes and watches the caller
@@ -24,9 +24,10 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from nbdist.jobdir import JobDir
+from nbdist.jobdir import JobDir, write_json_atomic
 
 TERM_GRACE = 0.7  # seconds between SIGTERM and SIGKILL
 
@@ -46,7 +47,11 @@ os.dup2(_log, 1)
 os.dup2(_log, 2)
 os.close(_log)
 # Work like the caller: same working directory, its sys.path first.
-os.chdir({cwd!r})
+try:
+    os.chdir({cwd!r})
+except OSError as exc:  # another host without the caller's folder
+    print(f"[nbdist] cannot enter the caller's working directory here ({{exc}}); "
+          f"running in {{os.getcwd()}}", file=sys.stderr, flush=True)
 sys.path[:0] = [p for p in {sys_path!r} if p not in sys.path]
 
 from nbdist._worker import main
@@ -55,10 +60,30 @@ main({str(job.path)!r})
 '''
 
 
-def torchrun_command(job: JobDir, nprocs: int) -> list[str]:
+@dataclass(frozen=True)
+class Rendezvous:
+    """torchrun's c10d rendezvous across hosts: the store listens on ``host:port``,
+    in the agent of the host where ``is_host``."""
+
+    nnodes: int
+    host: str
+    port: int
+    id: str
+    is_host: bool
+    local_addr: str  # this host's address as the others reach it
+
+
+def torchrun_command(job: JobDir, nprocs: int, rendezvous: Rendezvous | None) -> list[str]:
+    if rendezvous is None:
+        where = ["--standalone"]
+    else:
+        where = ["--nnodes", str(rendezvous.nnodes), "--rdzv-backend", "c10d",
+                 "--rdzv-endpoint", f"{rendezvous.host}:{rendezvous.port}",
+                 "--rdzv-id", rendezvous.id,
+                 "--rdzv-conf", f"is_host={int(rendezvous.is_host)}",
+                 "--local-addr", rendezvous.local_addr, "--max-restarts", "0"]
     return [
-        sys.executable, "-m", "nbdist._agent",
-        "--standalone",
+        sys.executable, "-m", "nbdist._agent", *where,
         "--nproc-per-node", str(nprocs),
         # torch < 2.2 polled every 5 s; a dead rank must take its peers down promptly.
         "--monitor_interval", "0.1",
@@ -67,24 +92,77 @@ def torchrun_command(job: JobDir, nprocs: int) -> list[str]:
 
 
 class Launch:
-    """One running torchrun: its process, and the means to stop its whole tree."""
+    """One torchrun on this machine: its process, and the means to stop its whole tree.
 
-    def __init__(self, job: JobDir, nprocs: int, env: dict[str, str]):
+    The interface every launcher has (``launch/__init__.py``): ``poll``, ``wait``,
+    ``kill``, ``signal``, ``post``, ``note_rank``, ``live_ranks``, ``take_notices``,
+    ``lost_hosts``, ``started_at``.
+    """
+
+    def __init__(self, job: JobDir, nprocs: int, env: dict[str, str], *,
+                 world_size: int | None = None, pool: bool = False,
+                 rendezvous: Rendezvous | None = None):
         self.job = job
         self.nprocs = nprocs
+        self.world_size = world_size or nprocs
+        self._wake: list[int] = []
+        self._seq = 0
+        if pool:  # before the ranks start: each opens its own at once
+            for rank in range(self.world_size):  # any of them may land on this host
+                os.mkfifo(job.wake(rank), 0o600)
+                # read-write: opening never blocks, and the FIFO never reports EOF
+                self._wake.append(os.open(job.wake(rank), os.O_RDWR | os.O_NONBLOCK))
         with open(job.launcher_log, "ab") as log:
             self.proc = subprocess.Popen(
-                torchrun_command(job, nprocs),
+                torchrun_command(job, nprocs, rendezvous),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env=env, cwd=str(job.path), start_new_session=True,
             )
         self.pid = self.proc.pid
+        self.started_at = time.monotonic()
         self.worker_pids: dict[int, int] = {}  # filled from the ranks' status events
         self._pidfd: int | None = None  # becomes readable when torchrun exits
         with contextlib.suppress(AttributeError, OSError):  # Linux >= 5.3 only
             self._exit_poll = select.poll()
             self._pidfd = os.pidfd_open(self.pid)
             self._exit_poll.register(self._pidfd, select.POLLIN)
+
+    def note_rank(self, rank: int, pid: int, host: str | None = None) -> None:
+        """A rank reported its pid (its first status event)."""
+        self.worker_pids[rank] = pid
+
+    def live_ranks(self) -> list[int]:
+        """The ranks known to be up: they reported a pid that is still theirs."""
+        return sorted(r for r, pid in self.worker_pids.items() if is_rank_of(pid, self.job))
+
+    def signal(self, sig: signal.Signals) -> list[int]:
+        """Send ``sig`` to every live rank; return those signalled."""
+        ranks = self.live_ranks()
+        for rank in ranks:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.worker_pids[rank], sig)
+        return ranks
+
+    def post(self, task: JobDir | None, return_all: bool, *, stop: bool = False) -> None:
+        """A pool's next task (``None`` with ``stop``: leave): ``task.json``, then a
+        byte in every rank's FIFO wakes the ranks."""
+        self._seq += 1
+        write_json_atomic(self.job.task, {
+            "seq": self._seq, "dir": str(task.path) if task else None,
+            "return_all": return_all, "stop": stop}, durable=False)
+        for fd in self._wake:
+            # a FIFO of a rank on another host is never read: once full, one more
+            # wake-up would not change anything
+            with contextlib.suppress(BlockingIOError):
+                os.write(fd, b"\0")
+
+    def take_notices(self) -> list[str]:
+        """What the display should say about the launch itself (none here)."""
+        return []
+
+    def lost_hosts(self) -> dict[str, str]:
+        """Hosts that went away mid-job, with why (none here: one machine)."""
+        return {}
 
     def poll(self) -> int | None:
         return self.proc.poll()
@@ -116,6 +194,10 @@ class Launch:
             self._exit_poll.unregister(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = None
+        for fd in self._wake:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._wake = []
 
     def _groups(self) -> set[int]:
         pids: set[int] = set()

@@ -1,0 +1,47 @@
+"""Launchers: torchrun here, or one torchrun agent per host over ssh or Slurm.
+
+One interface, so that the supervisor, the displays and the error handling do not
+know which launcher ran (``api.supervise``, ``pool.Pool``)::
+
+    launch = start(job_dir, plan, env, pool=False)
+    launch.poll()            None while running, else the exit code (0: every host ok)
+    launch.wait(seconds)     sleep, but return as soon as something ended
+    launch.kill()            stop every process of the job on every host; idempotent
+    launch.signal(sig)       signal every live rank (SIGINT, SIGUSR1); -> ranks signalled
+    launch.post(task, ...)   a pool's next task for every rank
+    launch.note_rank(rank, pid, host)   a rank reported where it runs
+    launch.live_ranks()      ranks known to be up
+    launch.take_notices()    lines for the display ("waiting for a Slurm allocation")
+    launch.lost_hosts()      {host: why} for hosts that went away mid-job
+    launch.started_at        monotonic time the ranks' processes started (None: not yet)
+    launch.job               the caller's job folder, where every file ends up
+
+``local.py`` runs torchrun on this machine. ``hosts.py`` runs a relay per host
+(``nbdist._remote``) that starts torchrun there with c10d rendezvous and mirrors the
+host's job folder back into the caller's, over a link that ``ssh.py`` or
+``slurm.py`` opens (the system ``ssh`` client, or ``srun`` inside an allocation).
+"""
+
+from __future__ import annotations
+
+import os
+
+from nbdist.jobdir import JobDir
+from nbdist.plan import Plan, job_env, merge_env
+
+
+def start(job: JobDir, plan: Plan, env: dict[str, str] | None, *, pool: bool = False):
+    """Start the ranks of ``plan`` for the job (or pool) in ``job``."""
+    defaults, overrides = job_env(plan, env)
+    if plan.hosts is not None:
+        from nbdist.launch import ssh
+
+        return ssh.start(job, plan, defaults, overrides, pool=pool)
+    if plan.slurm is not None:
+        from nbdist.launch import slurm
+
+        return slurm.start(job, plan, defaults, overrides, pool=pool)
+    from nbdist.launch.local import Launch
+
+    return Launch(job, plan.nprocs, merge_env(dict(os.environ), defaults, overrides),
+                  pool=pool)

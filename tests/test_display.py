@@ -25,7 +25,7 @@ from nbdist.channel import ChannelReader, ChannelWriter, Event
 from nbdist.display.base import RENDER_INTERVAL, Display, GuardedDisplay
 from nbdist.display.plain import PROGRESS_EVERY, PlainDisplay
 from nbdist.display.state import (IDLE_AFTER, Bar, JobView, LineBuffer, Series,
-                                  collapse_cr, format_duration, format_rate)
+                                  collapse_cr, format_duration, format_ranks, format_rate)
 from nbdist.errors import InvalidArgumentError
 from nbdist.job import Job, RankStatus
 
@@ -122,15 +122,49 @@ def succeeded(nprocs: int = 2, epochs: int = 3, steps: int = 20) -> list[Event]:
     return events
 
 
-def make_job(tmp_path, nprocs: int = 2) -> Job:
+def make_job(tmp_path, nprocs: int = 2, hosts: list[str] | None = None) -> Job:
     job_dir = tmp_path / "job"
     job_dir.mkdir(exist_ok=True)
     (job_dir / "rank-0.log").write_text("epoch 0 done\n")
     (job_dir / "rank-1.log").write_text("loading\n10%\r50%\r100%\n" + RANK1_LOG)
     return Job(id="20260101-000000-abcdef", dir=str(job_dir), nprocs=nprocs,
-               backend="gloo", started=time.time() - 5,
+               backend="gloo", started=time.time() - 5, hosts=hosts,
                ranks=[RankStatus(r, log=str(job_dir / f"rank-{r}.log"))
                       for r in range(nprocs)])
+
+
+def on_hosts(events: list[Event], landed: list[str]) -> list[Event]:
+    """``events`` with each rank's first STATUS naming its host, ``landed[rank]``."""
+    named: set[int] = set()
+    for event in events:
+        if event.kind == "status" and event.rank not in named:
+            named.add(event.rank)
+            event.data["host"] = landed[event.rank]
+    return events
+
+
+def two_hosts(tmp_path, landed=("gpu1", "gpu1", "gpu2", "gpu2")) -> tuple[Job, list[Event]]:
+    """A job planned as 2 hosts × 2 ranks, and its events: the ranks land on ``landed``;
+    rank 3 fails at the end, the others finish."""
+    job = make_job(tmp_path, nprocs=4, hosts=["gpu1", "gpu2"])
+    (tmp_path / "job" / "rank-3.log").write_text(RANK1_LOG)
+    events = on_hosts(succeeded(nprocs=4, epochs=2, steps=10), list(landed))
+    last = events.pop()
+    assert last.rank == 3 and last.data == {"state": "done"}
+    events.append(Event(3, "status", last.time,
+                        {"state": "failed", "exitcode": 1, "error": "ValueError"}))
+    return job, events
+
+
+def two_hosts_end(job: Job) -> Job:
+    return end(job, "failed", ["done", "done", "done", "failed"], [0, 0, 0, 1])
+
+
+def line_order(text: str, starts: list[str]) -> list[int]:
+    """Where the first line starting with each of ``starts`` is (spaces ignored)."""
+    lines = [line.strip() for line in text.splitlines()]
+    return [next(i for i, line in enumerate(lines) if line.startswith(start))
+            for start in starts]
 
 
 def end(job: Job, status: str, states: list[str], exitcodes: list[int | None]) -> Job:
@@ -220,6 +254,59 @@ def test_series_stays_bounded_and_keeps_the_latest_value():
     assert [s for s, _ in values] == sorted(s for s, _ in values)
 
 
+def test_view_groups_ranks_by_host(tmp_path):
+    view = JobView(make_job(tmp_path, nprocs=4, hosts=["gpu1", "gpu2"]))
+
+    def groups():
+        return [(g.title, [r.rank for r in g.ranks]) for g in view.host_groups()]
+
+    # before the ranks say where they are: where they were planned
+    assert groups() == [("host gpu1 — ranks 0-1", [0, 1]), ("host gpu2 — ranks 2-3", [2, 3])]
+    # the rendezvous put them elsewhere, one on a host the caller did not name
+    for rank, host in enumerate(["gpu2", "gpu1", "gpu1", "gpu3"]):
+        view.apply(Event(rank, "status", T0, {"state": "starting", "pid": 1000 + rank,
+                                              "host": host}))
+    view.apply(Event(1, "status", T0 + 1, {"state": "running"}))  # the host stays
+    assert groups() == [("host gpu1 — ranks 1-2", [1, 2]), ("host gpu2 — rank 0", [0]),
+                        ("host gpu3 — rank 3", [3])]
+    assert view.rank_name(view.ranks[3]) == "rank 3 @gpu3"
+    assert view.rank_line(view.ranks[1]).startswith("rank 1 @gpu1 running")
+    assert view.ranks_text() == "4 ranks on 3 hosts"
+    assert format_ranks([0, 2, 3, 4, 7]) == "ranks 0, 2-4, 7"
+
+    # one machine: no groups and no host in any label, whatever the ranks report
+    for hosts in (None, ["gpu1"]):
+        view = JobView(make_job(tmp_path, hosts=hosts))
+        view.apply(Event(0, "status", T0, {"state": "starting", "pid": 1, "host": "gpu1"}))
+        assert view.host_groups() == []  # rank 1 has not named its host yet
+        assert view.rank_name(view.ranks[0]) == "rank 0" and view.ranks_text() == "2 ranks"
+
+
+def test_a_job_on_one_host_shows_no_hosts(tmp_path):
+    """Whether the job names its one host and the ranks theirs, every display is as
+    without hosts."""
+    from nbdist.display.html import dashboard_html, dashboard_text
+    from nbdist.display.terminal import TerminalDisplay
+
+    shown = []
+    for hosts, landed in ((None, None), (None, ["box", "box"]), (["box"], ["box", "box"])):
+        events = on_hosts(recorded(), landed) if landed else recorded()
+        clock, out = Clock(), io.StringIO()
+        plain = PlainDisplay(stream=out, clock=clock)
+        term = TerminalDisplay(console=rich_console(), clock=Clock())
+        for display in (plain, term):
+            display.start(make_job(tmp_path, hosts=hosts))
+        feed(plain, events, clock)
+        feed(term, events, term._clock)
+        live = rendered(term)
+        for display in (plain, term):
+            display.stop(failed_job(tmp_path))
+        shown.append((out.getvalue(), live, rendered(term), dashboard_html(term.view),
+                      dashboard_text(term.view)))
+    assert "host" not in shown[0][1] and "@" not in shown[0][0]
+    assert shown[1] == shown[0] and shown[2] == shown[0]
+
+
 # --- plain -------------------------------------------------------------------------------
 def test_plain_shows_failure_and_summary_and_bounds_progress(tmp_path):
     clock, out = Clock(), io.StringIO()
@@ -278,6 +365,30 @@ def test_plain_all_ranks_prefixes_lines_and_redraws():
     plain.output(1, "c\n")
     plain.flush_output()
     assert out.getvalue() == "[rank 1] a\n[rank 0]  10%\r[rank 0]  20%\n[rank 1] bc\n"
+
+
+def test_plain_names_the_host_of_each_rank_on_several_hosts(tmp_path):
+    clock, out = Clock(), io.StringIO()
+    plain = PlainDisplay(stream=out, clock=clock)
+    job, events = two_hosts(tmp_path)
+    plain.start(job)
+    plain.output(0, "epoch 0 done\n")
+    feed(plain, events, clock)
+    plain.stop(two_hosts_end(job))
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "epoch 0 done"  # rank 0's output, as it printed it
+    for r, host in enumerate(["gpu1", "gpu1", "gpu2", "gpu2"]):
+        assert any(line.startswith(f"[nbdist] rank {r} @{host} running  epoch")
+                   for line in lines), (r, lines)
+    assert "[nbdist] rank 3 @gpu2 failed  ValueError, exit code 1" in lines
+    assert lines[-2].startswith("[nbdist] rank 0 @gpu1 final metrics: loss=")
+    assert lines[-1].startswith(f"[nbdist] job {job.id} failed in 7.0s (4 ranks; ")
+
+    out = io.StringIO()  # streamed output keeps its prefix
+    plain = PlainDisplay(all_ranks=True, stream=out)
+    plain.start(job)
+    plain.output(2, "two\n")
+    assert out.getvalue() == "[rank 2] two\n"
 
 
 # --- terminal (rich) ----------------------------------------------------------------------
@@ -367,6 +478,29 @@ def test_loss_chart_scales(tmp_path):
         flat.apply(Event(0, "metrics", T0 + step, {"values": {"acc": 0.5 + step / 10},
                                                    "step": step}))
     assert flat.chart_keys() == ["acc"] and ">log</text>" not in chart_svg(flat)
+
+
+def test_terminal_groups_rows_by_host(tmp_path):
+    from nbdist.display.terminal import TerminalDisplay
+
+    clock = Clock()
+    term = TerminalDisplay(console=rich_console(), clock=clock)
+    job, events = two_hosts(tmp_path)
+    term.start(job)
+    text = rendered(term)
+    assert " · 4 ranks on 2 hosts · gloo" in text.splitlines()[0]
+    starts = ["host gpu1 — ranks 0-1", "rank 0 pending", "rank 1 pending",
+              "host gpu2 — ranks 2-3", "rank 2 pending", "rank 3 pending"]
+    order = line_order(text, starts)
+    assert order == sorted(order) and order[0] == 1, text
+    feed(term, events, clock)
+    term.stop(two_hosts_end(job))
+    text = rendered(term)
+    starts = ["host gpu1 — ranks 0-1", "rank 0 done", "rank 1 done",
+              "host gpu2 — ranks 2-3", "rank 2 done", "rank 3 failed"]
+    order = line_order(text, starts)
+    assert order == sorted(order), text
+    assert "rank 3 @gpu2 failed: ValueError, exit code 1" in text  # the panel's title
 
 
 def test_sparkline_shape():
@@ -569,6 +703,40 @@ def test_notebook_log_view_follows_the_picked_rank(tmp_path, monkeypatch):
     assert area.layout.display == "none"
     nb.stop(failed_job(tmp_path))
     assert picker.comm is None and area.comm is None  # closed with the others
+
+
+def test_notebook_groups_rows_by_host(tmp_path):
+    nb, clock, out, publisher = notebook()
+    # planned 2 × 2, but the rendezvous put ranks 0 and 2 on gpu1
+    job, events = two_hosts(tmp_path, landed=["gpu1", "gpu2", "gpu1", "gpu2"])
+    nb.start(job)
+    heads, rows = nb.host_headers, [row.box for row in nb.rows]
+    assert nb.box.children[1:7] == (heads["gpu1"], rows[0], rows[1],
+                                    heads["gpu2"], rows[2], rows[3])
+    assert "host gpu1 — ranks 0-1" in heads["gpu1"].value
+    assert "4 ranks on 2 hosts" in nb.header.value
+    assert "4 ranks on 2 hosts" in publisher.shown[0][1]["text/plain"]
+    feed(nb, events, clock)
+    assert nb.box.children[1:7] == (heads["gpu1"], rows[0], rows[2],
+                                    heads["gpu2"], rows[1], rows[3])
+    assert "host gpu1 — ranks 0, 2" in heads["gpu1"].value
+    assert "host gpu2 — ranks 1, 3" in heads["gpu2"].value
+    assert "rank 3 @gpu2 failed: ValueError, exit code 1" in nb.failures.value
+
+    nb.stop(two_hosts_end(job))
+    final = publisher.shown[-1][1]
+    page = final["text/html"]
+    where = [page.index(part) for part in ("host gpu1 — ranks 0, 2", ">rank 0</td>",
+                                           ">rank 2</td>", "host gpu2 — ranks 1, 3",
+                                           ">rank 1</td>", ">rank 3</td>")]
+    assert where == sorted(where)
+    assert "rank 3 @gpu2 failed: ValueError" in page  # the failure panel
+    assert "rank 2 @gpu1 <span" in page  # the collapsed log of rank 2
+    text = final["text/plain"]
+    assert "  rank 1 @gpu2 done  epoch 2/2 (100%)" in text
+    assert "  rank 3 @gpu2 failed  ValueError, exit code 1" in text
+    assert "--- last lines of rank 3 @gpu2's log ---" in text
+    assert heads["gpu1"].comm is None  # closed with the other widgets
 
 
 def test_notebook_final_summary_keeps_every_ranks_log_tail(tmp_path):

@@ -244,9 +244,11 @@ def dashboard_html(view: JobView, logs: dict[int, str] | None = None) -> str:
 
 
 def rank_row_html(view: JobView, rank: RankView) -> str:
+    """One rank's row of the static dashboard's table."""
     fraction = rank.fraction()
     pct = "" if fraction is None else f"{fraction:.0%}"
-    return (f'<tr><td style="{MONO}">rank {rank.rank}</td><td>{state_html(rank.state, view.label(rank))}</td>'
+    return (f'<tr><td style="{MONO}">rank {rank.rank}</td>'
+            f'<td>{state_html(rank.state, view.label(rank))}</td>'
             f'<td>{bar_html(fraction, rank.state)}</td><td style="{MONO}">{pct}</td>'
             f'<td>{info_html(view, rank)}</td><td>{metrics_html(rank)}</td></tr>')
 

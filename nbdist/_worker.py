@@ -47,7 +47,7 @@ def main(job_dir: str) -> None:
     rank = int(os.environ["RANK"])
     _dump_stacks_on_signal(job.stacks(rank))  # before the caller knows the pid to signal
     channel = ChannelWriter(job.events(rank))
-    channel.status(RankState.STARTING, pid=os.getpid(), host=socket.gethostname())
+    channel.status(RankState.STARTING, pid=os.getpid(), host=host())
     runtime._attach(channel)
     _start_watchdog(channel, caller=spec["caller_pid"])
     if spec.get("pool"):
@@ -138,7 +138,7 @@ def _run_task(task: JobDir, rank: int, return_all: bool, pool_channel: ChannelWr
     channel = ChannelWriter(task.events(rank))
     runtime._attach(channel)
     with _output_to(task.log(rank)):
-        channel.status(RankState.RUNNING, pid=os.getpid(), host=socket.gethostname())
+        channel.status(RankState.RUNNING, pid=os.getpid(), host=host())
 
         def run() -> Any:
             fn, args, kwargs = _load_payload(task, rank)
@@ -332,7 +332,7 @@ def _record_error(job: JobDir, rank: int, exc: BaseException) -> None:
         exc_bytes = None
     record = {
         "rank": rank,
-        "host": socket.gethostname(),
+        "host": host(),
         "pid": os.getpid(),
         "time": time.time(),
         "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
@@ -365,13 +365,23 @@ def _dump_stacks_on_signal(path) -> None:
     faulthandler.register(signal.SIGUSR1, file=stream, all_threads=True)
 
 
-def _start_watchdog(channel: ChannelWriter, caller: int) -> None:
-    """Exit when torchrun's agent or the caller is gone; send heartbeats meanwhile."""
+def host() -> str:
+    """This rank's host as the caller named it (``launch/hosts.py`` sets it), else
+    the machine's name."""
+    return os.environ.get("NBDIST_HOST") or socket.gethostname()
+
+
+def _start_watchdog(channel: ChannelWriter, caller: int | None) -> None:
+    """Exit when torchrun's agent or the caller is gone; send heartbeats meanwhile.
+
+    ``caller`` is None on another host than the caller's: a pid there is a stranger's.
+    The agent there watches its relay, and the relay its link to the caller.
+    """
     agent = os.getppid()
 
     def watch() -> None:
         last_beat = time.monotonic()
-        while os.getppid() == agent and _pid_alive(caller):
+        while os.getppid() == agent and (caller is None or _pid_alive(caller)):
             time.sleep(WATCH_INTERVAL)
             if time.monotonic() - last_beat >= HEARTBEAT:
                 channel.emit(EventKind.HEARTBEAT)

@@ -38,16 +38,26 @@ ENV_HOME = "NBDIST_HOME"
 
 def base_dir() -> Path:
     """The per-user folder holding every job (``$NBDIST_HOME`` or ``~/.cache/nbdist``)."""
+    return _private_folder("jobs")
+
+
+def host_dir() -> Path:
+    """On a host that runs ranks for a caller elsewhere: where its copies of that
+    caller's job folders live while the job runs (``launch/relay.py``)."""
+    return _private_folder("hosts")
+
+
+def _private_folder(name: str) -> Path:
     home = os.environ.get(ENV_HOME)
     if home:
         root = Path(home).expanduser()
     else:
         cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
         root = Path(cache) / "nbdist"
-    jobs = root / "jobs"
-    jobs.mkdir(parents=True, exist_ok=True, mode=0o700)
-    check_private(jobs)
-    return jobs
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    check_private(folder)
+    return folder
 
 
 def check_private(path: Path) -> None:

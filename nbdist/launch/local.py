@@ -101,7 +101,7 @@ class Launch:
 
     def __init__(self, job: JobDir, nprocs: int, env: dict[str, str], *,
                  world_size: int | None = None, pool: bool = False,
-                 rendezvous: Rendezvous | None = None):
+                 rendezvous: Rendezvous | None = None, output: int | None = None):
         self.job = job
         self.nprocs = nprocs
         self.world_size = world_size or nprocs
@@ -112,7 +112,10 @@ class Launch:
                 os.mkfifo(job.wake(rank), 0o600)
                 # read-write: opening never blocks, and the FIFO never reports EOF
                 self._wake.append(os.open(job.wake(rank), os.O_RDWR | os.O_NONBLOCK))
-        with open(job.launcher_log, "ab") as log:
+        # torchrun's own output: to launcher.log, or ``output`` (a relay's stderr, which
+        # the caller reads)
+        with open(job.launcher_log, "ab") if output is None else open(output, "wb",
+                                                                      closefd=False) as log:
             self.proc = subprocess.Popen(
                 torchrun_command(job, nprocs, rendezvous),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,

@@ -1,0 +1,243 @@
+"""``python -m nbdist._remote``: a host's end of a multi-host job (the relay).
+
+The caller reaches each host with ``ssh host python -m nbdist._remote`` or ``srun``
+(``launch/hosts.py``); this process then
+
+* makes a private folder for its copy of the job (``jobdir.host_dir()``: nothing is
+  shared with the caller), writes the spec and entry script there, and the payload as
+  its chunks arrive;
+* starts torchrun's agent with c10d rendezvous (``launch/local.py``); on the first
+  host it picks the store's port and tells the caller, which tells the others;
+* mirrors what the ranks write back to the caller (``launch/relay.py``), and carries
+  out the caller's messages: a pool's tasks, signals, kill;
+* watches its link: when its stdin closes (the ssh session or the Slurm step ended,
+  the caller died), it kills every process it started and removes its folder.
+
+It imports no torch: it starts in a few tens of milliseconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from pathlib import Path
+
+from nbdist.jobdir import JobDir, host_dir, write_json_atomic
+from nbdist.launch.local import Launch, Rendezvous, entry_script
+from nbdist.launch.relay import TO_HOSTS, Mirror, Sink, Wire
+from nbdist.plan import merge_env
+
+SCAN_FAST = 0.002  # seconds between scans right after something happened ...
+SCAN_IDLE = 0.02  # ... growing to this while nothing does
+
+
+class Relay:
+    def __init__(self, wire: Wire, hello: dict):
+        self.wire = wire
+        self.hello = hello
+        self.index = hello["index"]
+        root = host_dir()
+        self.folder = JobDir(root / f"{hello['job']}@{self.index}")
+        self.folder.path.mkdir(mode=0o700)
+        self.tasks: dict[str, JobDir] = {}  # a pool's task folders, by task id
+        self.launch: Launch | None = None
+        self.mirror = Mirror(wire, on_events=self._note_pids)
+        self.mirror.watch("", self.folder.path)
+        self.sink = Sink(self._folder_of, accept=TO_HOSTS)
+        self.inbox: queue.Queue = queue.Queue()
+        self._partial_lines: dict[int, bytes] = {}
+
+    # --- set-up ----------------------------------------------------------------------
+    def prepare(self) -> None:
+        hello = self.hello
+        write_json_atomic(self.folder.spec, hello["spec"], durable=False)
+        self.folder.entry.write_text(entry_script(self.folder, cwd=hello["cwd"],
+                                                  sys_path=hello["sys_path"]))
+        address = _my_address(hello["host"])
+        self.address = address
+        self.wire.send("ready", host=socket.gethostname(), pid=os.getpid(), address=address)
+
+    def start(self, message: dict) -> None:
+        hello = self.hello
+        port = message["port"] or _free_port()
+        if not message["port"]:
+            self.wire.send("port", port=port, address=self.address)
+        env = merge_env(dict(os.environ), hello["defaults"], hello["overrides"])
+        env["NBDIST_HOST"] = hello["host"]
+        interface = _interface_of(self.address)
+        if interface and env.get("GLOO_SOCKET_IFNAME") is None:
+            # gloo's sockets on the interface the caller reached this host through,
+            # not on whatever the host name resolves to (127.0.1.1 on many distributions)
+            env["GLOO_SOCKET_IFNAME"] = interface
+        rendezvous = Rendezvous(nnodes=hello["nhosts"], host=message["address"] or self.address,
+                                port=port, id=hello["job"], is_host=self.index == 0,
+                                local_addr=self.address)
+        self.launch = Launch(self.folder, hello["nprocs"], env, world_size=hello["world_size"],
+                             pool=hello["pool"], rendezvous=rendezvous, output=2)
+
+    # --- messages from the caller ------------------------------------------------------
+    def read_messages(self) -> None:
+        """The reader thread: files are written here, everything else queued in order."""
+        try:
+            while True:
+                message = self.wire.receive()
+                if message is None:
+                    break
+                header, body = message
+                if not self.sink.apply(header, body):
+                    self.inbox.put(header)
+        except (OSError, ValueError) as exc:
+            print(f"[nbdist relay] reading from the caller failed: {exc}", file=sys.stderr)
+        self.inbox.put(None)  # the link is gone
+
+    def handle(self, message: dict) -> bool:
+        """Carry out one message; False when it says to end."""
+        op = message["op"]
+        if op == "start":
+            self.start(message)
+        elif op == "post":
+            task = self.tasks.get(message["task"]) if message["task"] else None
+            if task is not None:
+                self.mirror.watch(message["task"], task.path)
+            for done in [k for k in self.tasks if k != message["task"]]:
+                self.mirror.forget(done)  # the previous task: its last output is sent
+                shutil.rmtree(self.tasks.pop(done).path, ignore_errors=True)
+            if self.launch is not None:
+                self.launch.post(task, message["return_all"], stop=message["stop"])
+        elif op == "signal" and self.launch is not None:
+            self.launch.signal(signal.Signals(message["signal"]))
+        elif op == "kill":
+            return False
+        return True
+
+    def _folder_of(self, key: str) -> Path:
+        if not key:
+            return self.folder.path
+        if key not in self.tasks:
+            task = JobDir(self.folder.path.parent / f"{key}@{self.index}")
+            task.path.mkdir(mode=0o700, exist_ok=True)
+            self.tasks[key] = task
+        return self.tasks[key].path
+
+    def _note_pids(self, rank: int, data: bytes) -> None:
+        """Learn the ranks' pids from their status events, as the caller does."""
+        data = self._partial_lines.pop(rank, b"") + data
+        *lines, rest = data.split(b"\n")
+        if rest:
+            self._partial_lines[rank] = rest
+        for line in lines:
+            if b'"pid"' in line and self.launch is not None:
+                with contextlib.suppress(ValueError, KeyError):
+                    self.launch.note_rank(rank, json.loads(line)["pid"])
+
+    # --- the loop ----------------------------------------------------------------------
+    def serve(self) -> int:
+        """Until torchrun ends or the caller says (or its link) goes: the exit code."""
+        wait = SCAN_FAST
+        while True:
+            try:
+                message = self.inbox.get(timeout=wait)
+            except queue.Empty:
+                message = {}
+            if message is None or (message and not self.handle(message)):
+                return -1
+            busy = self.mirror.scan() or bool(message)
+            if self.launch is not None and self.launch.poll() is not None:
+                self.mirror.scan()  # what the ranks wrote last
+                return self.launch.poll()
+            wait = SCAN_FAST if busy else min(SCAN_IDLE, wait * 2)
+
+    def close(self) -> None:
+        if self.launch is not None:
+            self.launch.kill()
+        with contextlib.suppress(OSError, ValueError):
+            self.mirror.scan()
+        for task in self.tasks.values():
+            shutil.rmtree(task.path, ignore_errors=True)
+        shutil.rmtree(self.folder.path, ignore_errors=True)
+
+
+def _my_address(label: str) -> str:
+    """This host's address as the caller reached it: the ssh connection's own end, else
+    the name the caller used (a Slurm node name), without any ``user@``."""
+    connection = os.environ.get("SSH_CONNECTION", "").split()
+    if len(connection) == 4:
+        return connection[2]
+    return label.rpartition("@")[2]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _interface_of(address: str) -> str | None:
+    """The network interface whose IPv4 network holds ``address``, if this host has one
+    (the address itself, or another of its network: 127.0.0.2 is on ``lo``)."""
+    try:
+        wanted = _as_int(socket.inet_aton(socket.gethostbyname(address)))
+    except OSError:
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            request = struct.pack("256s", name.encode()[:15])
+            with contextlib.suppress(OSError):
+                own = _as_int(fcntl.ioctl(s.fileno(), 0x8915, request)[20:24])  # SIOCGIFADDR
+                mask = _as_int(fcntl.ioctl(s.fileno(), 0x891B, request)[20:24])  # ...NETMASK
+                # all of 127.0.0.0/8 is this host's, the rest only where assigned
+                loopback = ipaddress.IPv4Address(own).is_loopback
+                if own == wanted or (loopback and own & mask == wanted & mask):
+                    return name
+    return None
+
+
+def _as_int(packed: bytes) -> int:
+    return int.from_bytes(packed, "big")
+
+
+def main() -> int:
+    wire = Wire(sys.stdin.buffer, sys.stdout.buffer)
+    sys.stdout = sys.stderr  # stdout is the link's: nothing else may print there
+    first = wire.receive()
+    if first is None:
+        return 1
+    hello = json.loads(first[1])
+    if tuple(hello["python"]) != sys.version_info[:2]:
+        wire.send("fail", reason=(
+            f"{sys.executable} is Python {sys.version_info[0]}.{sys.version_info[1]} here, "
+            f"the caller runs {hello['python'][0]}.{hello['python'][1]}: pickled functions "
+            f"need the same Python version on every host"))
+        return 1
+    relay = Relay(wire, hello)
+    # the caller's SIGINT is for the ranks (it sends "signal"); a hangup is the link's
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for hangup in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(hangup, lambda *_: sys.exit(1))
+    code = -1
+    try:
+        relay.prepare()
+        threading.Thread(target=relay.read_messages, daemon=True, name="nbdist-link").start()
+        code = relay.serve()
+    finally:
+        relay.close()
+    with contextlib.suppress(OSError, ValueError):
+        wire.send("exit", code=code)
+    return 0
+
+
+if __name__ == "__main__":
+    status = main()
+    sys.stderr.flush()
+    os._exit(status)

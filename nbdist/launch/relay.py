@@ -1,0 +1,264 @@
+"""The link between the caller and one host: messages, and the job folder mirrored.
+
+No filesystem is shared with a host. What the ranks there write into their job folder
+(logs, events, stacks, results, error records, exit codes) is sent back over the
+link's stdout and written into the caller's job folder under the same names, so the
+supervisor, the displays and ``diagnose`` read it as they read a local job::
+
+    caller                                   host (python -m nbdist._remote)
+    ──────                                   ────────────────────────────────
+    job, start, payload chunks, post,  ──▶   writes spec/entry/payload, runs torchrun,
+    signal, kill (stdin)                     wakes a pool's ranks, signals them
+    Sink: writes into the job folder   ◀──   Mirror: what the ranks wrote (stdout)
+
+A message is one JSON line, then ``size`` bytes of body. Files travel in chunks, so a
+control message (kill, signal) never waits behind a 1 GiB payload, and a file appears
+at its destination by rename, whole. The Mirror sends a rank's events last in each
+scan: an event ("done") is written after the output and result it announces, so the
+caller has those by the time it reads the event, as it would on one machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+from nbdist.jobdir import write_bytes_atomic
+
+CHUNK = 1 << 20  # bytes of a file per message
+
+# what the ranks write, by how it travels; anything else stays on the host
+_APPENDED = re.compile(r"(rank-\d+\.log|stacks-rank-\d+\.txt)")
+_EVENTS = re.compile(r"events-rank-(\d+)\.jsonl")
+_WHOLE = re.compile(r"(result-rank-\d+(\.[\w.-]+)?\.pt|error-rank-\d+\.pkl|failures\.json)")
+_SENT_TO_HOST = re.compile(r"payload\.pt")
+_KEY = re.compile(r"[\w.@-]*")  # a folder key: "" (the job's own) or a task's id
+
+
+class Wire:
+    """Framed messages over a pair of byte streams; ``send`` is thread-safe."""
+
+    def __init__(self, reader: BinaryIO, writer: BinaryIO):
+        self._reader = reader
+        self._writer = writer
+        self._lock = threading.Lock()
+
+    def send(self, op: str, body: bytes = b"", **fields: Any) -> None:
+        header = json.dumps({"op": op, "size": len(body), **fields}).encode() + b"\n"
+        with self._lock:
+            self._writer.write(header + body if len(body) < CHUNK else header)
+            if len(body) >= CHUNK:
+                self._writer.write(body)
+            self._writer.flush()
+
+    def receive(self) -> tuple[dict, bytes] | None:
+        """The next message and its body; None when the other end closed."""
+        line = self._reader.readline()
+        if not line.endswith(b"\n"):
+            return None
+        header = json.loads(line)
+        body = _read_exactly(self._reader, header["size"])
+        if body is None:
+            return None
+        return header, body
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._writer.close()
+            except OSError:
+                pass
+
+
+def _read_exactly(reader: BinaryIO, size: int) -> bytes | None:
+    parts, left = [], size
+    while left:
+        part = reader.read(left)
+        if not part:
+            return None
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
+
+def send_file(wire: Wire, path: Path, key: str, *, between: Callable[[], None] = lambda: None,
+              stopped: Callable[[], bool] = lambda: False) -> bool:
+    """Send ``path`` as chunks, then its end; ``between`` runs after each chunk (urgent
+    messages go out there). False if ``stopped`` said to give up."""
+    with open(path, "rb") as f:
+        offset = 0
+        while True:
+            if stopped():
+                return False
+            data = f.read(CHUNK)
+            if not data:
+                break
+            wire.send("chunk", data, key=key, name=path.name, offset=offset)
+            offset += len(data)
+            between()
+    wire.send("end", key=key, name=path.name, total=offset)
+    return True
+
+
+class Mirror:
+    """The host's end: sends what appeared or grew in the watched folders."""
+
+    def __init__(self, wire: Wire, on_events: Callable[[int, bytes], None] = lambda r, d: None):
+        self.wire = wire
+        self.on_events = on_events
+        self.folders: dict[str, Path] = {}
+        self._sent: dict[tuple[str, str], Any] = {}  # an offset, or a file's identity
+
+    def watch(self, key: str, folder: Path) -> None:
+        self.folders[key] = folder
+
+    def forget(self, key: str) -> None:
+        """Stop watching a folder, after sending what is left in it."""
+        folder = self.folders.pop(key, None)
+        if folder is not None:
+            self._scan(key, folder)
+        self._sent = {k: v for k, v in self._sent.items() if k[0] != key}
+
+    def scan(self) -> bool:
+        """Send everything new; True if anything was."""
+        sent = False
+        for key, folder in list(self.folders.items()):
+            sent |= self._scan(key, folder)
+        return sent
+
+    def _scan(self, key: str, folder: Path) -> bool:
+        # the events' sizes first: whatever they announce was written before them
+        events = {}
+        for name in _names(folder):
+            if _EVENTS.fullmatch(name):
+                events[name] = _size(folder / name)
+        sent = False
+        for name in _names(folder):
+            if _APPENDED.fullmatch(name):
+                sent |= self._send_growth(key, folder / name, None)
+            elif _WHOLE.fullmatch(name):
+                sent |= self._send_whole(key, folder / name)
+        for name, size in events.items():
+            data = self._growth(key, folder / name, size)
+            if data:
+                self.on_events(int(_EVENTS.fullmatch(name).group(1)), data)
+                self._send_data(key, name, data)
+                sent = True
+        return sent
+
+    def _send_growth(self, key: str, path: Path, upto: int | None) -> bool:
+        data = self._growth(key, path, upto)
+        if data:
+            self._send_data(key, path.name, data)
+        return bool(data)
+
+    def _growth(self, key: str, path: Path, upto: int | None) -> bytes:
+        offset = self._sent.get((key, path.name), 0)
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read(-1 if upto is None else max(0, upto - offset))
+        except FileNotFoundError:
+            return b""
+        self._sent[(key, path.name)] = offset + len(data)
+        return data
+
+    def _send_data(self, key: str, name: str, data: bytes) -> None:
+        for start in range(0, len(data), CHUNK):
+            self.wire.send("append", data[start:start + CHUNK], key=key, name=name)
+
+    def _send_whole(self, key: str, path: Path) -> bool:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return False
+        identity = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._sent.get((key, path.name)) == identity:
+            return False
+        self._sent[(key, path.name)] = identity
+        try:
+            send_file(self.wire, path, key)
+        except FileNotFoundError:  # replaced meanwhile: the next scan sends the new one
+            self._sent.pop((key, path.name), None)
+        return True
+
+
+def _names(folder: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(folder))
+    except FileNotFoundError:
+        return []
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+class Sink:
+    """The receiving end of files (the caller's, or a host's for the payload): chunks
+    go to a hidden file beside their destination, renamed into place at their end."""
+
+    def __init__(self, folder_of: Callable[[str], Path], *, accept: re.Pattern,
+                 merge_lock: threading.Lock | None = None):
+        self.folder_of = folder_of
+        self.accept = accept
+        self.merge_lock = merge_lock or threading.Lock()
+
+    def apply(self, header: dict, body: bytes) -> bool:
+        """Write one file message; False if it is not one."""
+        op = header["op"]
+        if op not in ("chunk", "end", "append"):
+            return False
+        path = self._path(header)
+        if op == "append":
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, body)
+            finally:
+                os.close(fd)
+        elif op == "chunk":
+            fd = os.open(_partial(path), os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.pwrite(fd, body, header["offset"])
+            finally:
+                os.close(fd)
+        elif path.name == "failures.json":  # every host's agent writes its own ranks'
+            self._merge(path, _partial(path))
+        else:
+            if header["total"] == 0:
+                _partial(path).touch(mode=0o600)
+            os.replace(_partial(path), path)
+        return True
+
+    def _path(self, header: dict) -> Path:
+        key, name = header["key"], header["name"]
+        if not _KEY.fullmatch(key) or ".." in key or not (
+                self.accept.fullmatch(name) or _EVENTS.fullmatch(name)):
+            raise ValueError(f"unexpected file from the other end: {key!r}/{name!r}")
+        return self.folder_of(key) / name
+
+    def _merge(self, path: Path, partial: Path) -> None:
+        with self.merge_lock:
+            new = json.loads(partial.read_bytes() or b"{}")
+            partial.unlink()
+            try:
+                old = json.loads(path.read_bytes())
+            except FileNotFoundError:
+                old = {}
+            write_bytes_atomic(path, json.dumps({**old, **new}, indent=1).encode(),
+                               durable=False)
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(f".{path.name}.partial")
+
+
+FROM_HOSTS = re.compile(f"{_APPENDED.pattern}|{_WHOLE.pattern}")
+TO_HOSTS = _SENT_TO_HOST

@@ -80,6 +80,7 @@ def _make_pool_magic():
               help="each rank keeps its cell namespace between cells (start)")
     @argument("--debug", action="store_true",
               help="torch's collective checks, TORCH_DISTRIBUTED_DEBUG=DETAIL (start)")
+    @_where_arguments
     def distributed(line: str) -> None:
         """A warm pool for this kernel: ``%%distributed`` cells then run on its ranks.
 
@@ -93,7 +94,11 @@ def _make_pool_magic():
             args = parse_argstring(distributed, line)
         except (UsageError, ValueError) as exc:
             raise UsageError(f"{usage}%distributed: {exc}") from None
-        shape = {"nprocs": args.nprocs, "gpus": args.gpus, "backend": args.backend}
+        try:
+            shape = {"nprocs": args.nprocs, "gpus": args.gpus, "backend": args.backend,
+                     **_where(args)}
+        except ValueError as exc:
+            raise UsageError(f"{usage}%distributed: {exc}") from None
         if args.action == "start" and _pool is not None:
             raise UsageError(f"%distributed start: a pool is already up ({_pool!r}); "
                              f"use %distributed restart or stop")
@@ -110,7 +115,8 @@ def _make_pool_magic():
                 _pool = Pool(**options)
             except InvalidArgumentError as exc:
                 raise UsageError(f"{usage}%distributed: {_as_options(str(exc))}") from None
-            print(f"[nbdist] pool started: {_pool.nprocs} ranks, {_pool.plan.backend}"
+            hosts = (f" on {_pool.plan.nhosts} hosts" if _pool.plan.nhosts > 1 else "")
+            print(f"[nbdist] pool started: {_pool.nprocs} ranks{hosts}, {_pool.plan.backend}"
                   f"{', persist' if _pool.persist else ''}; %%distributed cells run on it")
         elif args.action == "stop":
             if _pool is not None:
@@ -129,7 +135,9 @@ def _describe(pool: Pool | None) -> str:
     if pool is None:
         return "[nbdist] no pool (%distributed start --nprocs N starts one)"
     status = pool.status()
-    ranks = ", ".join(f"rank {r['rank']} {r['state']} (pid {r['pid']})" for r in status["ranks"])
+    ranks = ", ".join(f"rank {r['rank']} {r['state']} (pid {r['pid']}"
+                      + (f" on {r['host']})" if pool.plan.remote and r["host"] else ")")
+                      for r in status["ranks"])
     devices = status["device"] + (f" {status['visible_devices']}" if status["visible_devices"] else "")
     return (f"[nbdist] pool {'up' if status['alive'] else 'down'}: {status['nprocs']} ranks "
             f"on {devices}, {status['backend']}, {status['tasks']} tasks run, idle "
@@ -162,6 +170,7 @@ def _make_magic(shell):
               help="torch's collective checks (TORCH_DISTRIBUTED_DEBUG=DETAIL)")
     @argument("--fresh", action="store_true",
               help="a cold job even while a pool is up (%%distributed start)")
+    @_where_arguments
     def distributed(line: str, cell: str) -> None:
         """Run this cell on every rank of a DDP job; the names it assigns come back.
 
@@ -225,11 +234,11 @@ def _job_options(args, usage: str) -> dict[str, Any]:
     """run_distributed's keyword arguments; checked now, so nothing starts if one is bad."""
     from IPython.core.error import UsageError
 
-    shape = {"nprocs": args.nprocs, "gpus": args.gpus, "backend": args.backend,
-             "timeout": args.timeout}
     try:
+        shape = {"nprocs": args.nprocs, "gpus": args.gpus, "backend": args.backend,
+                 "timeout": args.timeout, **_where(args)}
         plan_launch(init_timeout=api.DEFAULT_INIT_TIMEOUT, **shape)
-    except InvalidArgumentError as exc:
+    except ValueError as exc:  # InvalidArgumentError, or options that do not go together
         raise UsageError(f"{usage}%%distributed: {_as_options(str(exc))}") from None
     if args.stall_warning is not None and args.stall_warning < 0:
         raise UsageError(f"{usage}%%distributed: --stall-warning takes seconds (0: never), "
@@ -240,7 +249,57 @@ def _job_options(args, usage: str) -> dict[str, Any]:
             "all_ranks": args.all_ranks, "stall_warning": stall, "debug": args.debug}
 
 
-_KEYWORD = re.compile(r"\b(nprocs|gpus|backend|timeout|init_timeout)=(?:'([^']*)'|([^\s,;)]+))")
+_KEYWORD = re.compile(r"\b(nprocs|gpus|backend|timeout|init_timeout|hosts)=(?:'([^']*)'|([^\s,;)]+))")
+
+
+def _where_arguments(magic):
+    """The options that say which machines run the ranks (both magics take them)."""
+    from IPython.core.magic_arguments import argument
+
+    for option in reversed((
+        argument("--hosts", metavar="a,b",
+                 help="run on these hosts over ssh; --nprocs/--gpus count per host"),
+        argument("--ssh-options", metavar="'-F FILE'",
+                 help="extra ssh arguments (default: $NBDIST_SSH_OPTIONS)"),
+        argument("--slurm", action="store_true",
+                 help="run as a Slurm job step (srun), in this allocation or a new one"),
+        argument("--nodes", type=int, metavar="N", help="Slurm nodes (with --slurm)"),
+        argument("--partition", metavar="P", help="Slurm partition (with --slurm)"),
+        argument("--time", metavar="T", help="Slurm time limit (with --slurm)"),
+        argument("--account", metavar="A", help="Slurm account (with --slurm)"),
+        argument("--slurm-args", metavar="'...'",
+                 help="more salloc arguments (with --slurm)"),
+    )):
+        magic = option(magic)
+    return magic
+
+
+def _unquoted(value: str) -> str:
+    """IPython keeps an option's quotes: ``--ssh-options '-F cfg'`` gives "'-F cfg'"."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
+
+
+def _where(args) -> dict[str, Any]:
+    """hosts= / ssh_options= / slurm= from the magic's options."""
+    import shlex
+
+    slurm_only = {"nodes": args.nodes, "partition": args.partition, "time": args.time,
+                  "account": args.account}
+    if not args.slurm and (any(v is not None for v in slurm_only.values()) or args.slurm_args):
+        raise ValueError("--nodes, --partition, --time, --account and --slurm-args go "
+                         "with --slurm")
+    slurm = None
+    if args.slurm:
+        slurm = {k: v for k, v in slurm_only.items() if v is not None}
+        if args.slurm_args:
+            slurm["args"] = shlex.split(_unquoted(args.slurm_args))
+    ssh_options = (shlex.split(_unquoted(args.ssh_options)) if args.ssh_options is not None
+                   else None)
+    if ssh_options is not None and not args.hosts:
+        raise ValueError("--ssh-options goes with --hosts")
+    return {"hosts": args.hosts, "ssh_options": ssh_options, "slurm": slurm}
 
 
 def _as_options(message: str) -> str:
@@ -290,7 +349,8 @@ def _check_pool_options(pool: Pool, options: dict[str, Any], usage: str) -> None
 
     try:
         check_options(pool, nprocs=options["nprocs"], gpus=options["gpus"],
-                      backend=options["backend"])
+                      backend=options["backend"], hosts=options["hosts"],
+                      slurm=options["slurm"])
         if options["debug"] and not pool.options["debug"]:
             raise InvalidArgumentError("the pool runs without torch's collective checks "
                                        "(%distributed start --debug)")
@@ -305,7 +365,8 @@ def _launch(shell, cell: Cell, captured: dict[str, Any], options: dict[str, Any]
     try:
         if pool is not None:
             task = {k: v for k, v in options.items()
-                    if k not in ("nprocs", "gpus", "backend", "debug")}
+                    if k not in ("nprocs", "gpus", "backend", "debug", "hosts",
+                                 "ssh_options", "slurm")}
             return pool.run(run_cell, cell, captured, **task)
         return api.run_distributed(run_cell, cell, captured, **options)
     except PicklingError as exc:

@@ -364,13 +364,20 @@ def _all(job: Job, state: RankState) -> bool:
     return all(r.state == state for r in job.ranks)
 
 
-def check_options(pool: Pool, *, nprocs: int | None, gpus: Any, backend: str | None) -> None:
+def check_options(pool: Pool, *, nprocs: int | None, gpus: Any, backend: str | None,
+                  hosts: Any = None, slurm: Any = None) -> None:
     """Raise if a call asks for another shape than the pool has (what it leaves out,
     the pool decides)."""
     have = pool.plan
     asked = []
     if nprocs is not None and nprocs != have.nprocs:
         asked.append(f"{nprocs} ranks")
+    if hosts is not None and plan_launch(
+            nprocs=1, gpus=None, backend=None, timeout=None, init_timeout=None,
+            hosts=hosts).hosts != have.hosts:
+        asked.append(f"hosts {hosts}")
+    if slurm and have.slurm is None:
+        asked.append("Slurm")
     if backend is not None and backend != have.backend:
         asked.append(f"backend {backend}")
     if gpus is not None:
@@ -380,6 +387,8 @@ def check_options(pool: Pool, *, nprocs: int | None, gpus: Any, backend: str | N
             asked.append(f"GPUs {wanted.visible_devices}")
     if asked:
         where = f"GPUs {have.visible_devices}" if have.visible_devices else have.device
+        if have.nhosts > 1:
+            where += f" on each of {', '.join(have.hosts or ['its Slurm nodes'])}"
         raise InvalidArgumentError(
             f"the pool has {have.nprocs} ranks on {where} ({have.backend}); this asks "
             f"for {', '.join(asked)}")

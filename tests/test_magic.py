@@ -130,15 +130,31 @@ def test_options_map_to_run_distributed_arguments(kernel):
         kernel.run(cell("distributed --nprocs 3 --timeout 2.5 --all-ranks --backend gloo "
                         "--stall-warning 0", "fake = 0"))
         kernel.run(cell("nbdist --quiet", "fake = 0"))
+        kernel.run(cell("distributed --hosts a,b --ssh-options '-F cfg' --nprocs 2",
+                        "fake = 0"))
+        kernel.run(cell("distributed --slurm --nodes 2 --partition gpu --time 1:00:00 "
+                        "--slurm-args '--qos high' --nprocs 2", "fake = 0"))
         calls = kernel.value("_calls")
+        misplaced = kernel.execute(cell("distributed --nodes 2 --nprocs 2", "fake = 0"))
     finally:
         kernel.run("nbdist.api.run_distributed = _real")
+    nowhere = {"hosts": None, "ssh_options": None, "slurm": None}
     assert calls == [
-        {"nprocs": 3, "gpus": None, "backend": "gloo", "timeout": 2.5,
+        {"nprocs": 3, "gpus": None, "backend": "gloo", "timeout": 2.5, **nowhere,
          "display": "auto", "all_ranks": True, "stall_warning": None, "debug": False},
-        {"nprocs": None, "gpus": None, "backend": None, "timeout": None,
+        {"nprocs": None, "gpus": None, "backend": None, "timeout": None, **nowhere,
          "display": "none", "all_ranks": False, "stall_warning": 120.0, "debug": False},
+        {"nprocs": 2, "gpus": None, "backend": None, "timeout": None,
+         "hosts": "a,b", "ssh_options": ["-F", "cfg"], "slurm": None,
+         "display": "auto", "all_ranks": False, "stall_warning": 120.0, "debug": False},
+        {"nprocs": 2, "gpus": None, "backend": None, "timeout": None, "hosts": None,
+         "ssh_options": None, "slurm": {"nodes": 2, "partition": "gpu", "time": "1:00:00",
+                                        "args": ["--qos", "high"]},
+         "display": "auto", "all_ranks": False, "stall_warning": 120.0, "debug": False},
     ]
+    assert misplaced.ename == "UsageError"
+    assert "--nodes, --partition, --time, --account and --slurm-args go with --slurm" \
+        in misplaced.evalue
 
 
 # --------------------------------------------------------------------- real launches

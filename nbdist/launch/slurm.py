@@ -1,0 +1,146 @@
+"""Reaching nodes with Slurm (``slurm={...}``): one ``srun`` job step per node.
+
+Inside an allocation (``SLURM_JOB_ID`` set: a batch job, ``salloc``, a Jupyter server
+started by Slurm) its first ``nodes`` nodes are used. Outside one, nbdist asks for it::
+
+    salloc --nodes N [--partition P --time T --account A ...] -- sh -c 'echo nodes; cat'
+
+salloc holds the allocation while its command runs, and that command ends when its
+stdin, a pipe from this process, closes: on ``kill()``, and when the caller dies, so a
+killed kernel never leaves nodes allocated. While Slurm's queue holds the request the
+display says so. A request that can never be granted fails at once, with salloc's own
+words. Each node is then reached with ``srun --jobid J --nodelist NODE --overlap``,
+its stdin and stdout the link of ``hosts.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+
+from nbdist.errors import LaunchError
+from nbdist.jobdir import JobDir
+from nbdist.launch.hosts import HostsLaunch
+from nbdist.launch.ssh import remote_python
+from nbdist.plan import Plan
+
+HOLD = 'echo "nodes=$SLURM_JOB_NODELIST"; exec cat >/dev/null'
+
+
+def node_names(nodelist: str) -> list[str]:
+    """``node[1-2],gpu7`` as names, as Slurm expands them."""
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                         text=True, check=True, timeout=30).stdout
+    return out.split()
+
+
+def step_command(allocation: str, node: str) -> list[str]:
+    return ["srun", "--jobid", allocation, "--nodes", "1", "--ntasks", "1",
+            "--nodelist", node, "--overlap", "--unbuffered", "--quiet",
+            remote_python(), "-m", "nbdist._remote"]
+
+
+class SlurmLaunch(HostsLaunch):
+    reach_hint = ("Check that the nodes run the same Python, with nbdist, at "
+                  f"{remote_python()} ($NBDIST_REMOTE_PYTHON names another path).")
+
+    def __init__(self, job: JobDir, plan: Plan, defaults: dict[str, str],
+                 overrides: dict[str, str], *, pool: bool):
+        super().__init__(job, plan, defaults, overrides, pool=pool, targets=None)
+        self.options = plan.slurm
+        self.allocation: str | None = os.environ.get("SLURM_JOB_ID")
+        self._salloc: subprocess.Popen | None = None
+        self._nodes: list[str] | None = None
+        self._notices: list[str] = []
+        self._said: list[str] = []  # salloc's words, for its errors
+        if self.allocation:  # a step of the allocation this process runs in
+            nodes = node_names(os.environ["SLURM_JOB_NODELIST"])
+            if len(nodes) < self.options["nodes"]:
+                raise LaunchError(
+                    f"slurm nodes={self.options['nodes']}, but this allocation (job "
+                    f"{self.allocation}) has {len(nodes)}: {', '.join(nodes)}")
+            self._connect(nodes[:self.options["nodes"]])
+        else:
+            self._request()
+
+    def _request(self) -> None:
+        opts = self.options
+        command = ["salloc", "--nodes", str(opts["nodes"]), "--ntasks-per-node", "1",
+                   "--job-name", f"nbdist-{self.job.id}"]
+        for key in ("partition", "time", "account"):
+            if opts.get(key):
+                command += [f"--{key}", str(opts[key])]
+        command += [*opts["args"], "--", "sh", "-c", HOLD]
+        self._salloc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True,
+                                        start_new_session=True)
+        self._notices.append(f"[nbdist] asking Slurm for {opts['nodes']} node(s): "
+                             f"{' '.join(command[:-4])}")
+        threading.Thread(target=self._follow_salloc, daemon=True,
+                         name="nbdist-salloc").start()
+
+    def _follow_salloc(self) -> None:
+        for line in self._salloc.stderr:
+            line = line.strip()
+            self._said.append(line)
+            words = line.removeprefix("salloc: ")
+            if words.startswith(("Pending job allocation", "Granted job allocation")):
+                self.allocation = words.rsplit(" ", 1)[-1]
+            if "queued and waiting" in words:
+                self._notices.append(f"[nbdist] waiting for the Slurm allocation: {words}")
+            self.activity.set()
+
+    def _connect(self, nodes: list[str]) -> None:
+        self._nodes = nodes
+        self.connect([(node, step_command(self.allocation, node)) for node in nodes])
+
+    def poll(self) -> int | None:
+        if self._nodes is None and self._salloc is not None:
+            if self._salloc.poll() is not None:  # it ended before the nodes were known
+                said = "\n".join(self._said[-10:]) or f"exit code {self._salloc.returncode}"
+                raise LaunchError(f"Slurm did not grant the allocation:\n{said}")
+            line = self._salloc.stdout.readline() if _readable(self._salloc.stdout) else ""
+            if line.startswith("nodes="):
+                self._notices.append(f"[nbdist] Slurm granted job {self.allocation}: "
+                                     f"{line[6:].strip()}")
+                self._connect(node_names(line[6:].strip()))
+            return None
+        return super().poll()
+
+    def take_notices(self) -> list[str]:
+        notices, self._notices = self._notices, []
+        return notices
+
+    def kill(self) -> None:
+        super().kill()
+        if self._salloc is not None:
+            if self._nodes is None and self.allocation:  # still queued: withdraw it
+                subprocess.run(["scancel", self.allocation], capture_output=True, timeout=30)
+            with contextlib.suppress(OSError):
+                self._salloc.stdin.close()  # the hold command ends: salloc lets go
+            try:
+                self._salloc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                if self.allocation:
+                    subprocess.run(["scancel", self.allocation], capture_output=True,
+                                   timeout=30)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self._salloc.pid, signal.SIGKILL)
+                self._salloc.wait()
+
+    def describe_exit(self, code: int | None) -> str:
+        return f"srun exit code {code}"
+
+
+def _readable(stream) -> bool:
+    import select
+
+    return bool(select.select([stream], [], [], 0)[0])
+
+
+def start(job: JobDir, plan: Plan, defaults: dict[str, str], overrides: dict[str, str],
+          *, pool: bool) -> SlurmLaunch:
+    return SlurmLaunch(job, plan, defaults, overrides, pool=pool)

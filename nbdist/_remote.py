@@ -83,6 +83,11 @@ class Relay:
         rendezvous = Rendezvous(nnodes=hello["nhosts"], host=message["address"] or self.address,
                                 port=port, id=hello["job"], is_host=self.index == 0,
                                 local_addr=self.address)
+        print(f"relay {os.getpid()} on {socket.gethostname()}: torchrun for host "
+              f"{self.index + 1} of {hello['nhosts']}, rendezvous {rendezvous.host}:{port}"
+              f"{' (its store is here)' if rendezvous.is_host else ''}, gloo on "
+              f"{env.get('GLOO_SOCKET_IFNAME', 'the default interface')}", file=sys.stderr,
+              flush=True)
         self.launch = Launch(self.folder, hello["nprocs"], env, world_size=hello["world_size"],
                              pool=hello["pool"], rendezvous=rendezvous, output=2)
 

@@ -31,10 +31,17 @@ def processes_mentioning(text: str) -> list[psutil.Process]:
 
 
 def leftovers(home: str, own_children_before: set[int]) -> list[psutil.Process]:
+    """Our new children, and any process naming the test's folder or one of its jobs:
+    on the test "hosts" (sshd, slurmd) a job's relay and ranks run in folders of their
+    own, named by the job's id."""
     me = psutil.Process()
     children = [c for c in me.children(recursive=True)
                 if c.pid not in own_children_before and c.status() != psutil.STATUS_ZOMBIE]
-    return list({p.pid: p for p in children + processes_mentioning(home)}.values())
+    found = children + processes_mentioning(home)
+    jobs = os.path.join(home, "jobs")
+    for job_id in os.listdir(jobs) if os.path.isdir(jobs) else ():
+        found += processes_mentioning(job_id)
+    return list({p.pid: p for p in found}.values())
 
 
 @pytest.fixture(autouse=True)

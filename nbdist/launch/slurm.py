@@ -24,7 +24,7 @@ import threading
 from nbdist.errors import LaunchError
 from nbdist.jobdir import JobDir
 from nbdist.launch.hosts import HostsLaunch
-from nbdist.launch.ssh import remote_python
+from nbdist.launch.ssh import relay_command, remote_python
 from nbdist.plan import Plan
 
 HOLD = 'echo "nodes=$SLURM_JOB_NODELIST"; exec cat >/dev/null'
@@ -37,10 +37,9 @@ def node_names(nodelist: str) -> list[str]:
     return out.split()
 
 
-def step_command(allocation: str, node: str) -> list[str]:
+def step_command(allocation: str, node: str, job: JobDir) -> list[str]:
     return ["srun", "--jobid", allocation, "--nodes", "1", "--ntasks", "1",
-            "--nodelist", node, "--overlap", "--unbuffered", "--quiet",
-            remote_python(), "-m", "nbdist._remote"]
+            "--nodelist", node, "--overlap", "--unbuffered", "--quiet", *relay_command(job)]
 
 
 class SlurmLaunch(HostsLaunch):
@@ -95,7 +94,7 @@ class SlurmLaunch(HostsLaunch):
 
     def _connect(self, nodes: list[str]) -> None:
         self._nodes = nodes
-        self.connect([(node, step_command(self.allocation, node)) for node in nodes])
+        self.connect([(node, step_command(self.allocation, node, self.job)) for node in nodes])
 
     def poll(self) -> int | None:
         if self._nodes is None and self._salloc is not None:

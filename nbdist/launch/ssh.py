@@ -30,9 +30,14 @@ def remote_python() -> str:
     return os.environ.get(ENV_REMOTE_PYTHON) or sys.executable
 
 
-def command(host: str, options: tuple[str, ...]) -> list[str]:
-    remote = shlex.join([remote_python(), "-m", "nbdist._remote"])
+def command(host: str, options: tuple[str, ...], job: JobDir) -> list[str]:
+    remote = shlex.join(relay_command(job))
     return ["ssh", *BASE_OPTIONS, *options, host, "--", remote]
+
+
+def relay_command(job: JobDir) -> list[str]:
+    """What runs on each host; the job's id only tells ``ps`` whose relay it is."""
+    return [remote_python(), "-m", "nbdist._remote", job.id]
 
 
 class SshLaunch(HostsLaunch):
@@ -44,7 +49,7 @@ class SshLaunch(HostsLaunch):
             f"a prompt, and that {remote_python()} with nbdist exists there (the same "
             f"Python as here; ${ENV_REMOTE_PYTHON} names another path).")
         super().__init__(job, plan, defaults, overrides, pool=pool,
-                         targets=[(host, command(host, plan.ssh_options))
+                         targets=[(host, command(host, plan.ssh_options, job))
                                   for host in plan.hosts])
 
     def describe_exit(self, code: int | None) -> str:

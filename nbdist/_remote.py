@@ -237,6 +237,8 @@ def main() -> int:
         code = relay.serve()
     finally:
         relay.close()
+    print(f"relay {os.getpid()}: torchrun ended with {code}; received "
+          f"{wire.received} bytes from the caller", file=sys.stderr, flush=True)
     with contextlib.suppress(OSError, ValueError):
         wire.send("exit", code=code)
     return 0

@@ -46,6 +46,7 @@ class Wire:
         self._reader = reader
         self._writer = writer
         self._lock = threading.Lock()
+        self.received = 0  # bytes, headers included
 
     def send(self, op: str, body: bytes = b"", **fields: Any) -> None:
         header = json.dumps({"op": op, "size": len(body), **fields}).encode() + b"\n"
@@ -64,6 +65,7 @@ class Wire:
         body = _read_exactly(self._reader, header["size"])
         if body is None:
             return None
+        self.received += len(line) + len(body)
         return header, body
 
     def close(self) -> None:

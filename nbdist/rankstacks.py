@@ -28,6 +28,7 @@ from pathlib import Path
 
 SIGNAL = signal.SIGUSR1
 DUMP_WAIT = 1.0  # seconds the ranks get to write their stacks
+_JOB_FOLDER = re.compile(r"\d{8}-\d{6}-\d{3}-[0-9a-f]+(@\d+)?")  # jobdir.JobDir.create's ids
 _FRAME = re.compile(r'^\s+File "(?P<file>[^"]+)", line (?P<line>\d+) in (?P<fn>.+)$')
 _LIBRARY_DIRS = tuple({os.path.realpath(p) + os.sep for p in (
     sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
@@ -46,8 +47,8 @@ class Frame:
         if self.file.startswith("<"):
             return self.file.startswith("<nbdist-cell")
         path = Path(self.file)
-        if path.name == "entry.py" and (path.parent / "spec.json").exists():
-            return False  # the script nbdist generated for the job
+        if path.name == "entry.py" and _JOB_FOLDER.fullmatch(path.parent.name):
+            return False  # the script nbdist generated for the job (here, or on a host)
         return not os.path.realpath(path).startswith(_LIBRARY_DIRS)
 
     @property

@@ -23,6 +23,7 @@ import torch
 import nbdist
 from conftest import kill_caller
 from helpers import REPO, start_script, wait_for_ranks, worker_pids
+from kernel_util import Kernel, kernel_manager
 from nbdist.plan import job_env, plan_launch
 from nbdist.pool import KEPT
 from remote_hosts import (BAD_KEY_HOST, NO_HOST, SLURM_NODES, SSH_HOSTS, slurm_cluster,  # noqa: F401
@@ -211,6 +212,32 @@ def test_interrupt_in_each_phase_leaves_nothing_on_any_host(ssh_hosts, nbdist_ho
     assert back < 5
     assert nbdist.last_job().status == "interrupted"
     # conftest fails the test if a relay, agent or rank survived on either host
+
+
+@pytest.mark.slow
+def test_a_timeout_on_two_hosts_shows_where_every_rank_was(ssh_hosts):
+    with pytest.raises(nbdist.JobTimeoutError) as caught:
+        nbdist.run_distributed(sleep_forever, **on_hosts(timeout=8))
+    where = caught.value.stacks  # the dumps came back through each host's relay
+    for rank in range(4):
+        assert f"rank {rank}: at " in where and "time.sleep(600)" in where
+    assert "entry.py" not in where  # nbdist's own frames are counted, not shown
+
+
+@pytest.mark.slow
+def test_the_magic_runs_a_cell_on_two_hosts(ssh_hosts, nbdist_home, tmp_path):
+    manager = kernel_manager(tmp_path / "kernelspec")
+    manager.start_kernel(cwd=str(REPO))
+    kernel = Kernel(manager)
+    try:
+        kernel.run(f"%load_ext nbdist\nimport os\nos.environ['NBDIST_HOME'] = {nbdist_home!r}"
+                   f"\nscale = 3")
+        kernel.run(f"%%distributed --hosts {','.join(SSH_HOSTS)} --nprocs 1 "
+                   f"--ssh-options '{' '.join(ssh_options())}'\n"
+                   f"import os\nwho = (rank, world_size, os.environ['NBDIST_HOST'], scale)")
+        assert kernel.value("who") == (0, 2, "host1", 3)
+    finally:
+        kernel.shutdown()
 
 
 @pytest.mark.slow

@@ -173,6 +173,21 @@ class Relay:
         shutil.rmtree(self.folder.path, ignore_errors=True)
 
 
+def _mismatch(hello: dict) -> str | None:
+    """Why this host cannot run the caller's job, if it cannot."""
+    import nbdist
+
+    here = tuple(sys.version_info[:2])
+    if tuple(hello["python"]) != here:
+        return (f"{sys.executable} is Python {here[0]}.{here[1]} here, the caller runs "
+                f"{hello['python'][0]}.{hello['python'][1]}: pickled functions need the "
+                f"same Python version on every host")
+    if hello["nbdist"] != nbdist.__version__:
+        return (f"nbdist {nbdist.__version__} is installed here, the caller runs "
+                f"{hello['nbdist']}: install the same version on every host")
+    return None
+
+
 def _my_address(label: str) -> str:
     """This host's address as the caller reached it: the ssh connection's own end, else
     the name the caller used (a Slurm node name), without any ``user@``."""
@@ -213,17 +228,19 @@ def _as_int(packed: bytes) -> int:
 
 
 def main() -> int:
-    wire = Wire(sys.stdin.buffer, sys.stdout.buffer)
-    sys.stdout = sys.stderr  # stdout is the link's: nothing else may print there
+    # stdout is the link's alone: whatever else writes to fd 1 (C code too) lands in
+    # stderr, which the caller logs
+    link = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    wire = Wire(sys.stdin.buffer, link)
     first = wire.receive()
     if first is None:
         return 1
     hello = json.loads(first[1])
-    if tuple(hello["python"]) != sys.version_info[:2]:
-        wire.send("fail", reason=(
-            f"{sys.executable} is Python {sys.version_info[0]}.{sys.version_info[1]} here, "
-            f"the caller runs {hello['python'][0]}.{hello['python'][1]}: pickled functions "
-            f"need the same Python version on every host"))
+    mismatch = _mismatch(hello)
+    if mismatch:
+        wire.send("fail", reason=mismatch)
         return 1
     relay = Relay(wire, hello)
     # the caller's SIGINT is for the ranks (it sends "signal"); a hangup is the link's

@@ -103,7 +103,11 @@ def plan_launch(*, nprocs: int | None, gpus: int | str | Sequence[int] | None,
         raise InvalidArgumentError(
             "backend='nccl' needs GPUs; pass gpus=N, or use backend='gloo' on the CPU")
     visible = None
-    if gpus is not None:
+    if slurm_opts is not None and device_ids is not None and not _explicit_ids(gpus):
+        # a GPU count under Slurm: its own CUDA_VISIBLE_DEVICES names the node's GPUs
+        # that the allocation holds (salloc --gpus-per-node)
+        slurm_opts["gpus_per_node"] = len(device_ids)
+    elif gpus is not None:
         # ids count within what the caller sees, as torch.cuda numbers them; on other
         # hosts, within what each host sees
         current = None if remote else os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -207,6 +211,11 @@ def _allocation_nodes() -> int | None:
         return None
     count = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES")
     return int(count) if count and count.isdigit() else None
+
+
+def _explicit_ids(gpus: Any) -> bool:
+    """``"0,1"`` or ``[0, 1]``, not a count."""
+    return not isinstance(gpus, int) and not (isinstance(gpus, str) and gpus.strip().isdigit())
 
 
 def _parse_gpus(gpus: int | str | Sequence[int] | None) -> list[int] | None:

@@ -17,12 +17,13 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 import nbdist
 from conftest import kill_caller
-from helpers import REPO, start_script, wait_for_ranks, worker_pids
+from helpers import REPO, rank_states, start_script, wait_for_ranks, worker_pids
 from kernel_util import Kernel, kernel_manager
 from nbdist.plan import job_env, plan_launch
 from nbdist.pool import KEPT
@@ -212,6 +213,25 @@ def test_interrupt_in_each_phase_leaves_nothing_on_any_host(ssh_hosts, nbdist_ho
     assert back < 5
     assert nbdist.last_job().status == "interrupted"
     # conftest fails the test if a relay, agent or rank survived on either host
+
+
+def _kill_a_relay(home: str) -> None:
+    """As if host2 went away: its relay (the rank's grandparent) dies at once."""
+    job_dir = wait_for_ranks(home, "running", 4)
+    rank2 = rank_states(job_dir)[2]["pid"]
+    psutil.Process(rank2).parent().parent().kill()
+
+
+@pytest.mark.slow
+def test_a_host_lost_mid_job_is_named_and_its_peers_stopped(ssh_hosts, nbdist_home):
+    threading.Thread(target=_kill_a_relay, args=(nbdist_home,), daemon=True).start()
+    started = time.monotonic()
+    with pytest.raises(nbdist.LaunchError) as caught:
+        nbdist.run_distributed(sleep_forever, **on_hosts(timeout=60))
+    assert time.monotonic() - started < 30
+    assert caught.value.host == "host2"
+    assert str(caught.value).startswith("host host2 (ranks 2, 3): the host was lost mid-job")
+    # host2's ranks died with their relay, host1's were stopped (conftest checks)
 
 
 @pytest.mark.slow

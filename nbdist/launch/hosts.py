@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import nbdist
 from nbdist.jobdir import JobDir
 from nbdist.launch.relay import FROM_HOSTS, Sink, Wire, send_file
 from nbdist.plan import Plan
@@ -209,7 +210,7 @@ class HostsLaunch:
             "world_size": self.world_size, "pool": self.pool, "spec": spec, "cwd": cwd,
             "sys_path": [os.path.abspath(p) if p else cwd for p in sys.path],
             "defaults": self.defaults, "overrides": self.overrides,
-            "python": list(sys.version_info[:2]),
+            "python": list(sys.version_info[:2]), "nbdist": nbdist.__version__,
         }
         for index, (label, command) in enumerate(targets):
             link = Link(self, index, label, command)

@@ -72,6 +72,8 @@ class SlurmLaunch(HostsLaunch):
         for key in ("partition", "time", "account"):
             if opts.get(key):
                 command += [f"--{key}", str(opts[key])]
+        if opts.get("gpus_per_node"):
+            command += ["--gpus-per-node", str(opts["gpus_per_node"])]
         command += [*opts["args"], "--", "sh", "-c", HOLD]
         self._salloc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True,

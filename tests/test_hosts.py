@@ -312,6 +312,17 @@ def test_slurm_nodes_form_one_world_and_the_allocation_is_released(slurm_cluster
     assert not _slurm_jobs(job.id)  # salloc let the nodes go
 
 
+@pytest.mark.slow
+def test_a_pool_of_slurm_steps_serves_tasks_and_gives_the_nodes_back(slurm_cluster):
+    with nbdist.Pool(nprocs=1, slurm={"nodes": 2}) as pool:
+        for _ in range(3):
+            values = pool.run(where_am_i, torch.ones(8), return_all=True, display="none")
+            assert [v["host"] for v in values] == ["node1", "node2"]
+        pool_id = Path(pool.status()["dir"]).name
+        assert len(_slurm_jobs(pool_id)) == 1  # one allocation for the pool's life
+    assert not _slurm_jobs(pool_id)
+
+
 def test_a_slurm_request_that_can_never_be_granted_fails_at_once(slurm_cluster):
     started = time.monotonic()
     with pytest.raises(nbdist.LaunchError, match="Slurm did not grant the allocation"):
@@ -321,7 +332,8 @@ def test_a_slurm_request_that_can_never_be_granted_fails_at_once(slurm_cluster):
 
 
 def _slurm_jobs(job_id: str) -> list[str]:
-    out = subprocess.run(["squeue", "-h", "-n", f"nbdist-{job_id}", "-o", "%i"],
+    """The Slurm jobs of an nbdist job that hold nodes or wait for them."""
+    out = subprocess.run(["squeue", "-h", "-n", f"nbdist-{job_id}", "-t", "PD,R", "-o", "%i"],
                          capture_output=True, text=True).stdout
     return out.split()
 

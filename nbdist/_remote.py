@@ -40,6 +40,8 @@ from nbdist.plan import merge_env
 
 SCAN_FAST = 0.002  # seconds between scans right after something happened ...
 SCAN_IDLE = 0.02  # ... growing to this while nothing does
+RELAY_PID = "relay.pid"  # in its folder: a folder whose relay is gone is an orphan
+ORPHAN_AGE = 3600.0  # seconds after which a folder without a relay.pid is one too
 
 
 class Relay:
@@ -48,8 +50,10 @@ class Relay:
         self.hello = hello
         self.index = hello["index"]
         root = host_dir()
+        _remove_orphans(root)
         self.folder = JobDir(root / f"{hello['job']}@{self.index}")
         self.folder.path.mkdir(mode=0o700)
+        (self.folder.path / RELAY_PID).write_text(str(os.getpid()))
         self.tasks: dict[str, JobDir] = {}  # a pool's task folders, by task id
         self.launch: Launch | None = None
         self.mirror = Mirror(wire, on_events=self._note_pids)
@@ -129,9 +133,9 @@ class Relay:
     def _folder_of(self, key: str) -> Path:
         if not key:
             return self.folder.path
-        if key not in self.tasks:
-            task = JobDir(self.folder.path.parent / f"{key}@{self.index}")
-            task.path.mkdir(mode=0o700, exist_ok=True)
+        if key not in self.tasks:  # a pool's task: inside the pool's folder
+            task = JobDir(self.folder.path / "tasks" / key)
+            task.path.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.tasks[key] = task
         return self.tasks[key].path
 
@@ -171,6 +175,24 @@ class Relay:
         for task in self.tasks.values():
             shutil.rmtree(task.path, ignore_errors=True)
         shutil.rmtree(self.folder.path, ignore_errors=True)
+
+
+def _remove_orphans(root: Path) -> None:
+    """Folders of relays that died without cleaning up (SIGKILL, a reboot)."""
+    for folder in root.iterdir():
+        try:
+            pid = int((folder / RELAY_PID).read_text())
+        except (OSError, ValueError):  # being made by a relay starting now, or broken
+            with contextlib.suppress(OSError):
+                if time.time() - folder.stat().st_mtime > ORPHAN_AGE:
+                    shutil.rmtree(folder, ignore_errors=True)
+            continue
+        try:
+            alive = b"nbdist._remote" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            alive = False
+        if not alive:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _mismatch(hello: dict) -> str | None:

@@ -231,7 +231,12 @@ def test_a_host_lost_mid_job_is_named_and_its_peers_stopped(ssh_hosts, nbdist_ho
     assert time.monotonic() - started < 30
     assert caught.value.host == "host2"
     assert str(caught.value).startswith("host host2 (ranks 2, 3): the host was lost mid-job")
-    # host2's ranks died with their relay, host1's were stopped (conftest checks)
+    # host2's ranks died with their relay, host1's were stopped (conftest checks); the
+    # folder the dead relay left is removed by the next relay starting there
+    lost = nbdist.last_job().id
+    assert [f for f in remote_folders("host2") if f.startswith(lost)]
+    nbdist.run_distributed(where_am_i, torch.ones(1), **on_hosts())
+    assert not [f for f in remote_folders("host2") if f.startswith(lost)]
 
 
 @pytest.mark.slow
@@ -295,8 +300,9 @@ def test_pool_on_two_hosts_keeps_ranks_warm(ssh_hosts):
         assert [r["pid"] for r in pool.status()["ranks"]] == pids
         assert pool.status()["hosts"] == SSH_HOSTS
         assert pool.run(where_am_i, big, display="none")["world"] == 4
-    for host in SSH_HOSTS:
-        assert not remote_folders(host)
+        pool_id = Path(pool.status()["dir"]).name
+    for host in SSH_HOSTS:  # the pool's folder, its tasks' inside, are gone
+        assert not [f for f in remote_folders(host) if f.startswith(pool_id)]
 
 
 # --------------------------------------------------------------------------- Slurm
@@ -321,6 +327,27 @@ def test_a_pool_of_slurm_steps_serves_tasks_and_gives_the_nodes_back(slurm_clust
         pool_id = Path(pool.status()["dir"]).name
         assert len(_slurm_jobs(pool_id)) == 1  # one allocation for the pool's life
     assert not _slurm_jobs(pool_id)
+
+
+@pytest.mark.slow
+def test_a_queued_request_is_shown_and_withdrawn_on_interrupt(slurm_cluster, capsys):
+    """Both nodes held by someone else: the display says the request waits; stop
+    pressed meanwhile withdraws it."""
+    holder = subprocess.run(["salloc", "--nodes", "2", "--exclusive", "--no-shell",
+                             "--immediate=30", "--job-name", "someone-else"],
+                            capture_output=True, text=True, timeout=60)
+    assert "Granted job allocation " in holder.stderr, holder.stderr
+    held = holder.stderr.split("Granted job allocation ")[1].split()[0]
+    try:
+        threading.Thread(target=lambda: (time.sleep(4), _thread.interrupt_main()),
+                         daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            nbdist.run_distributed(sleep_forever, slurm={"nodes": 2, "args": ["--exclusive"]},
+                                   nprocs=1, display="plain")
+        assert "waiting for the Slurm allocation" in capsys.readouterr().out
+        assert not _slurm_jobs(nbdist.last_job().id)
+    finally:
+        subprocess.run(["scancel", held], check=True)
 
 
 def test_a_slurm_request_that_can_never_be_granted_fails_at_once(slurm_cluster):

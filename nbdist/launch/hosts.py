@@ -122,8 +122,9 @@ class Link:
                 if not self.launch.sink.apply(header, body):
                     self._handle(header)
                 self.launch.activity.set()
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # garbled, or a file nbdist does not send
             self.failure = self.failure or f"the link broke: {exc}"
+            self.kill()  # unread, the host would block on its next write
         finally:
             self.proc.wait()
             self.ended.set()

@@ -23,6 +23,9 @@ import     none: the target (50 ms) is absolute
 pool       a cold ``run_distributed`` noop job, run between the pool's starts; for
            its result, ``torch.save`` + ``torch.load`` of the tensor; after a
            failed task, a warm noop task after a noop (issue 12)
+hosts      several machines over ssh (``multihost.py``): a torchrun agent per
+           host started by hand; ssh's own throughput; the same job on one
+           machine. Skipped, with the reason, when the hosts cannot be reached
 =========  ==================================================================
 
 The nbdist side runs in this process, like a notebook kernel: torch and nbdist are
@@ -84,6 +87,15 @@ class Config:
     pool_result_pairs: int = 5
     pool_failure_pairs: int = 5
     pool_leak_tasks: int = 100
+    # several machines (multihost.py): 2 hosts x 2 ranks unless said otherwise
+    hosts_launch_pairs: int = 3
+    hosts_pool_pairs: int = 3  # pool start vs a cold job
+    hosts_pool_warm_tasks: int = 7  # after each start: 21 in all
+    hosts_payload_bytes: int = 256 * MiB
+    hosts_payload_pairs: int = 3
+    hosts_scale: tuple[int, ...] = (2, 4, 6)  # hosts x 1 rank
+    hosts_scale_rounds: int = 2
+    hosts_log_pairs: int = 3  # of log_lines
 
     @classmethod
     def make(cls, quick: bool) -> "Config":
@@ -93,7 +105,10 @@ class Config:
                    train_pairs=1, train_steps=2, log_lines=1000, log_pairs=1,
                    ship_bytes=8 * MiB, ship_pairs=1, import_runs=1, pool_pairs=1,
                    pool_warm_tasks=2, pool_result_bytes=8 * MiB, pool_result_pairs=1,
-                   pool_failure_pairs=1, pool_leak_tasks=10)
+                   pool_failure_pairs=1, pool_leak_tasks=10, hosts_launch_pairs=1,
+                   hosts_pool_pairs=1, hosts_pool_warm_tasks=2,
+                   hosts_payload_bytes=8 * MiB, hosts_payload_pairs=1, hosts_scale=(2,),
+                   hosts_scale_rounds=1, hosts_log_pairs=1)
 
 
 @dataclass
@@ -158,6 +173,7 @@ class LineSink(io.TextIOBase):
 
     def __init__(self):
         self.lines = 0
+        self.numbered = 0  # lines of workloads.print_lines ("line I of N")
         self.last = ""
         self._partial = ""
 
@@ -169,6 +185,7 @@ class LineSink(io.TextIOBase):
         parts = text.split("\n")
         self._partial = parts.pop()
         self.lines += len(parts)
+        self.numbered += sum(line.startswith("line ") for line in parts)
         for line in reversed(parts):
             if line.startswith("line "):
                 self.last = line
@@ -179,13 +196,14 @@ class LineSink(io.TextIOBase):
 CALLER_CPU: list[float] = []  # CPU share of this process during each nbdist job
 
 
-def nbdist_job(fn, *args, sink: io.TextIOBase | None = None, keep: bool = False, **kwargs):
+def nbdist_job(fn, *args, sink: io.TextIOBase | None = None, keep: bool = False,
+               nprocs: int = 2, **kwargs):
     """``run_distributed(fn, *args)`` as a notebook would; (seconds, value, job)."""
     sink = sink or LineSink()
     with contextlib.redirect_stdout(sink):
         cpu = time.process_time()
         start = time.perf_counter()
-        value = nbdist.run_distributed(fn, *args, nprocs=2, display="plain", **kwargs)
+        value = nbdist.run_distributed(fn, *args, nprocs=nprocs, display="plain", **kwargs)
         seconds = time.perf_counter() - start
         CALLER_CPU.append((time.process_time() - cpu) / seconds)
     job = nbdist.last_job()
@@ -654,6 +672,12 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def bench_hosts(cfg: Config) -> list[Row]:
+    """Several machines over ssh: in ``multihost.py``, with this module's helpers."""
+    import multihost
+    return multihost.bench_hosts(cfg, sys.modules[__name__])
+
+
 BENCHES = {
     "launch": bench_launch,
     "result": bench_result,
@@ -663,6 +687,7 @@ BENCHES = {
     "import": bench_import,
     "track": bench_track,
     "pool": bench_pool,
+    "hosts": bench_hosts,
 }
 
 

@@ -284,7 +284,7 @@ def test_a_killed_caller_takes_every_host_along(ssh_hosts, nbdist_home, record_p
 
 
 @pytest.mark.slow
-def test_pool_on_two_hosts_keeps_ranks_warm(ssh_hosts):
+def test_pool_on_two_hosts_keeps_ranks_warm(ssh_hosts, nbdist_home):
     with nbdist.Pool(nprocs=2, hosts=SSH_HOSTS, ssh_options=ssh_options()) as pool:
         big = torch.ones(1 << 20)
         first = pool.run(where_am_i, big, return_all=True, display="none")
@@ -300,6 +300,13 @@ def test_pool_on_two_hosts_keeps_ranks_warm(ssh_hosts):
         assert [r["pid"] for r in pool.status()["ranks"]] == pids
         assert pool.status()["hosts"] == SSH_HOSTS
         assert pool.run(where_am_i, big, display="none")["world"] == 4
+        # stop pressed: the signal reaches the ranks through their relays
+        threading.Thread(target=_interrupt_when, args=(nbdist_home, "running", []),
+                         daemon=True).start()
+        with pytest.raises(KeyboardInterrupt) as stopped:
+            pool.run(sleep_forever, display="none")
+        assert "every rank stopped its task" in "\n".join(stopped.value.__notes__)
+        assert [r["pid"] for r in pool.status()["ranks"]] == pids
         pool_id = Path(pool.status()["dir"]).name
     for host in SSH_HOSTS:  # the pool's folder, its tasks' inside, are gone
         assert not [f for f in remote_folders(host) if f.startswith(pool_id)]

@@ -168,8 +168,7 @@ class Link:
     def kill(self) -> None:
         """Cut the link: the relay at the other end sees its stdin close and cleans up."""
         self.stop_sending()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.launch.cut(self.proc)
 
 
 class HostsLaunch:
@@ -298,3 +297,8 @@ class HostsLaunch:
 
     def describe_exit(self, code: int | None) -> str:
         return f"exit code {code}"
+
+    def cut(self, proc: subprocess.Popen) -> None:
+        """End a link's process at once (ssh: its whole group)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -39,7 +39,9 @@ def node_names(nodelist: str) -> list[str]:
 
 def step_command(allocation: str, node: str, job: JobDir) -> list[str]:
     return ["srun", "--jobid", allocation, "--nodes", "1", "--ntasks", "1",
-            "--nodelist", node, "--overlap", "--unbuffered", "--quiet", *relay_command(job)]
+            "--nodelist", node, "--overlap", "--unbuffered", "--quiet",
+            "--chdir", "/",  # the caller's folder may not exist there; the ranks say so
+            *relay_command(job)]
 
 
 class SlurmLaunch(HostsLaunch):
@@ -134,6 +136,12 @@ class SlurmLaunch(HostsLaunch):
 
     def describe_exit(self, code: int | None) -> str:
         return f"srun exit code {code}"
+
+    def cut(self, proc: subprocess.Popen) -> None:
+        """srun alone, never its group: srun's own watcher process then cancels the
+        step; killed with it, it would leave the step running."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            proc.send_signal(signal.SIGTERM)  # "forcing job termination"
 
 
 def _readable(stream) -> bool:

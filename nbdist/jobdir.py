@@ -18,6 +18,13 @@
         task.json, wake-rank-N   a pool's: the task posted last, and the FIFO that
                            wakes rank N for it (each task has a job folder of its own)
 
+On a host that runs ranks for a caller elsewhere (``hosts=``, ``slurm=``), the host's
+relay keeps its own copy while the job runs, and removes it after::
+
+    $NBDIST_HOME/hosts/<job-id>@<host index>/   spec, entry, payload, what its ranks
+        tasks/<task-id>/                         write (mirrored back to the caller's
+                                                 folder); a pool's tasks inside
+
 Every file another process reads is written atomically (temp file, fsync, rename),
 so a reader sees either nothing or the whole file, never half of it.
 """

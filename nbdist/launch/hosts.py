@@ -42,13 +42,17 @@ PAYLOAD_POLL = 0.005
 class Link:
     """One host: the process that reaches it (ssh, srun) and the threads around it."""
 
-    def __init__(self, launch: "HostsLaunch", index: int, label: str, command: list[str]):
+    def __init__(self, launch: "HostsLaunch", index: int, label: str, command: list[str],
+                 hello: bytes):
         self.launch = launch
         self.index = index
         self.label = label
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, start_new_session=True)
         self.wire = Wire(self.proc.stdout, self.proc.stdin)
+        # first, before any urgent message can jump the queue (a pipe holds it whole)
+        with contextlib.suppress(OSError):
+            self.wire.send("job", hello)
         self.ready: dict | None = None  # the relay's hello
         self.exitcode: int | None = None  # torchrun's, as the relay reported it
         self.failure: str | None = None  # what the relay said went wrong
@@ -57,10 +61,13 @@ class Link:
         self._wake = threading.Condition()
         self._stopping = False
         self._last_words: collections.deque = collections.deque(maxlen=20)
-        for target, name in ((self._read, "read"), (self._read_stderr, "stderr"),
-                             (self._send_queued, "send")):
-            threading.Thread(target=target, daemon=True,
-                             name=f"nbdist-link-{label}-{name}").start()
+        self._threads = {name: threading.Thread(target=target, daemon=True,
+                                                name=f"nbdist-link-{label}-{name}")
+                         for target, name in ((self._read, "read"),
+                                              (self._read_stderr, "stderr"),
+                                              (self._send_queued, "send"))}
+        for thread in self._threads.values():
+            thread.start()
 
     # --- sending -----------------------------------------------------------------------
     def send(self, op: str, body: bytes = b"", *, urgent: bool = False, **fields) -> None:
@@ -88,13 +95,19 @@ class Link:
                     _, op, body, fields = item
                     self.wire.send(op, body, **fields)
                 else:
-                    _, path, key, wait = item
-                    while wait and not path.exists() and not self._stopping:
-                        time.sleep(PAYLOAD_POLL)
-                    if not self._stopping:
-                        send_file(self.wire, path, key, between=self._send_urgent,
-                                  stopped=lambda: self._stopping)
+                    self._send_file(*item[1:])
         except (OSError, ValueError):  # the link is gone: the reader reports it
+            pass
+
+    def _send_file(self, path: Path, key: str, wait: bool) -> None:
+        while wait and not path.exists() and not self._stopping:
+            time.sleep(PAYLOAD_POLL)
+        if self._stopping:
+            return
+        try:
+            send_file(self.wire, path, key, between=self._send_urgent,
+                      stopped=lambda: self._stopping)
+        except FileNotFoundError:  # a task's payload, removed: the task ended unsent
             pass
 
     def _send_urgent(self) -> None:
@@ -127,6 +140,8 @@ class Link:
             self.kill()  # unread, the host would block on its next write
         finally:
             self.proc.wait()
+            # its last words (ssh's "Connection refused") are read before it counts as over
+            self._threads["stderr"].join(timeout=2)
             self.ended.set()
             self.launch.activity.set()
 
@@ -213,9 +228,9 @@ class HostsLaunch:
             "python": list(sys.version_info[:2]), "nbdist": nbdist.__version__,
         }
         for index, (label, command) in enumerate(targets):
-            link = Link(self, index, label, command)
+            link = Link(self, index, label, command,
+                        json.dumps({**hello, "index": index, "host": label}).encode())
             self.links.append(link)
-            link.send("job", json.dumps({**hello, "index": index, "host": label}).encode())
             if index == 0:
                 link.send("start", port=None, address=None)
             if not self.pool:  # a cold job's payload, once the caller has written it

@@ -357,6 +357,30 @@ def test_a_queued_request_is_shown_and_withdrawn_on_interrupt(slurm_cluster, cap
         subprocess.run(["scancel", held], check=True)
 
 
+@pytest.mark.slow
+def test_inside_an_allocation_the_job_is_a_step_of_it(slurm_cluster, monkeypatch):
+    """As in a batch job or a Jupyter server that Slurm started: its nodes, its
+    allocation, which stays the user's after the job."""
+    holder = subprocess.run(["salloc", "--nodes", "2", "--no-shell", "--immediate=30",
+                             "--job-name", "users-own"], capture_output=True, text=True,
+                            timeout=60)
+    assert "Granted job allocation " in holder.stderr, holder.stderr
+    allocation = holder.stderr.split("Granted job allocation ")[1].split()[0]
+    try:
+        monkeypatch.setenv("SLURM_JOB_ID", allocation)
+        monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
+        monkeypatch.setenv("SLURM_JOB_NODELIST", "node[1-2]")
+        values = nbdist.run_distributed(where_am_i, torch.ones(8), slurm=True, nprocs=1,
+                                        return_all=True, display="none")
+        assert [v["host"] for v in values] == ["node1", "node2"]
+        assert not _slurm_jobs(nbdist.last_job().id)  # no allocation of its own
+        still = subprocess.run(["squeue", "-h", "-j", allocation, "-t", "R", "-o", "%i"],
+                               capture_output=True, text=True).stdout.split()
+        assert still == [allocation]
+    finally:
+        subprocess.run(["scancel", allocation], check=True)
+
+
 def test_a_slurm_request_that_can_never_be_granted_fails_at_once(slurm_cluster):
     started = time.monotonic()
     with pytest.raises(nbdist.LaunchError, match="Slurm did not grant the allocation"):

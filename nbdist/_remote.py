@@ -24,6 +24,7 @@ import ipaddress
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -42,6 +43,8 @@ SCAN_FAST = 0.002  # seconds between scans right after something happened ...
 SCAN_IDLE = 0.02  # ... growing to this while nothing does
 RELAY_PID = "relay.pid"  # in its folder: a folder whose relay is gone is an orphan
 ORPHAN_AGE = 3600.0  # seconds after which a folder without a relay.pid is one too
+LINK_SILENCE = 60.0  # seconds without a message from the caller (it pings every 5 s)
+JOB_ID = re.compile(r"\d{8}-\d{6}-\d{3}-[0-9a-f]+")  # a pool's task ids (jobdir.py)
 
 
 class Relay:
@@ -49,17 +52,21 @@ class Relay:
         self.wire = wire
         self.hello = hello
         self.index = hello["index"]
-        root = host_dir()
+        # per machine: on a shared filesystem only this machine's relays are judged here
+        root = host_dir() / socket.gethostname()
+        root.mkdir(mode=0o700, exist_ok=True)
         _remove_orphans(root)
         self.folder = JobDir(root / f"{hello['job']}@{self.index}")
         self.folder.path.mkdir(mode=0o700)
         (self.folder.path / RELAY_PID).write_text(str(os.getpid()))
         self.tasks: dict[str, JobDir] = {}  # a pool's task folders, by task id
+        self._tasks_lock = threading.Lock()  # the reader thread makes them
         self.launch: Launch | None = None
         self.mirror = Mirror(wire, on_events=self._note_pids)
         self.mirror.watch("", self.folder.path)
         self.sink = Sink(self._folder_of, accept=TO_HOSTS)
         self.inbox: queue.Queue = queue.Queue()
+        self.last_heard = time.monotonic()  # the caller pings every few seconds
         self._partial_lines: dict[int, bytes] = {}
 
     # --- set-up ----------------------------------------------------------------------
@@ -68,7 +75,7 @@ class Relay:
         write_json_atomic(self.folder.spec, hello["spec"], durable=False)
         self.folder.entry.write_text(entry_script(self.folder, cwd=hello["cwd"],
                                                   sys_path=hello["sys_path"]))
-        address = _my_address(hello["host"])
+        address = _my_address(hello["host"], hello["via"])
         self.address = address
         self.wire.send("ready", host=socket.gethostname(), pid=os.getpid(), address=address)
 
@@ -104,7 +111,8 @@ class Relay:
                 if message is None:
                     break
                 header, body = message
-                if not self.sink.apply(header, body):
+                self.last_heard = time.monotonic()
+                if not self.sink.apply(header, body) and header["op"] != "ping":
                     self.inbox.put(header)
         except (OSError, ValueError) as exc:
             print(f"[nbdist relay] reading from the caller failed: {exc}", file=sys.stderr)
@@ -116,28 +124,42 @@ class Relay:
         if op == "start":
             self.start(message)
         elif op == "post":
-            task = self.tasks.get(message["task"]) if message["task"] else None
-            if task is not None:
-                self.mirror.watch(message["task"], task.path)
-            for done in [k for k in self.tasks if k != message["task"]]:
-                self.mirror.forget(done)  # the previous task: its last output is sent
-                shutil.rmtree(self.tasks.pop(done).path, ignore_errors=True)
-            if self.launch is not None:
-                self.launch.post(task, message["return_all"], stop=message["stop"])
+            self.post(message)
         elif op == "signal" and self.launch is not None:
             self.launch.signal(signal.Signals(message["signal"]))
         elif op == "kill":
             return False
         return True
 
+    def post(self, message: dict) -> None:
+        """A pool's next task (its payload arrived before this), or its stop."""
+        key = message["task"]
+        with self._tasks_lock:
+            task = self.tasks.get(key) if key else None
+            done = [k for k in self.tasks if k != key]
+        if key and task is None:
+            print(f"relay: task {key} came without its payload; ignored", file=sys.stderr)
+            return
+        if task is not None:
+            self.mirror.watch(key, task.path)
+        for old in done:
+            self.mirror.forget(old)  # the previous task: its last output is sent
+            with self._tasks_lock:
+                shutil.rmtree(self.tasks.pop(old).path, ignore_errors=True)
+        if self.launch is not None:
+            self.launch.post(task, message["return_all"], stop=message["stop"])
+
     def _folder_of(self, key: str) -> Path:
         if not key:
             return self.folder.path
-        if key not in self.tasks:  # a pool's task: inside the pool's folder
-            task = JobDir(self.folder.path / "tasks" / key)
-            task.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self.tasks[key] = task
-        return self.tasks[key].path
+        if not JOB_ID.fullmatch(key):
+            raise KeyError(key)
+        with self._tasks_lock:
+            if key not in self.tasks:  # a pool's task: inside the pool's folder
+                task = JobDir(self.folder.path / "tasks" / key)
+                task.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+                self.tasks[key] = task
+            return self.tasks[key].path
 
     def _note_pids(self, rank: int, data: bytes) -> None:
         """Learn the ranks' pids from their status events, as the caller does."""
@@ -161,6 +183,10 @@ class Relay:
                 message = {}
             if message is None or (message and not self.handle(message)):
                 return -1
+            if time.monotonic() - self.last_heard > LINK_SILENCE:
+                print(f"relay: nothing from the caller for {LINK_SILENCE:.0f}s: taking it "
+                      f"for gone", file=sys.stderr, flush=True)
+                return -1
             busy = self.mirror.scan() or bool(message)
             if self.launch is not None and self.launch.poll() is not None:
                 self.mirror.scan()  # what the ranks wrote last
@@ -172,9 +198,7 @@ class Relay:
             self.launch.kill()
         with contextlib.suppress(OSError, ValueError):
             self.mirror.scan()
-        for task in self.tasks.values():
-            shutil.rmtree(task.path, ignore_errors=True)
-        shutil.rmtree(self.folder.path, ignore_errors=True)
+        shutil.rmtree(self.folder.path, ignore_errors=True)  # a pool's tasks inside
 
 
 def _remove_orphans(root: Path) -> None:
@@ -210,13 +234,29 @@ def _mismatch(hello: dict) -> str | None:
     return None
 
 
-def _my_address(label: str) -> str:
-    """This host's address as the caller reached it: the ssh connection's own end, else
-    the name the caller used (a Slurm node name), without any ``user@``."""
+def _my_address(label: str, via: str) -> str:
+    """This host's address, as the other hosts reach it.
+
+    ssh: the address the caller's connection reached (the session's own end). Slurm:
+    the node's name as resolved here, unless that is a loopback address (Debian maps
+    its own name to 127.0.1.1) while srun ran on another machine: then the address
+    this node uses toward that machine.
+    """
     connection = os.environ.get("SSH_CONNECTION", "").split()
-    if len(connection) == 4:
+    if via == "ssh" and len(connection) == 4:
         return connection[2]
-    return label.rpartition("@")[2]
+    name = label.rpartition("@")[2]
+    try:
+        resolved = socket.gethostbyname(name)
+    except OSError:
+        return name
+    launched_from = os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "")
+    if (via == "slurm" and launched_from and ipaddress.ip_address(resolved).is_loopback
+            and not ipaddress.ip_address(launched_from).is_loopback):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((launched_from, 9))  # no packet is sent: just the route's source
+            return s.getsockname()[0]
+    return resolved
 
 
 def _free_port() -> int:
@@ -265,8 +305,7 @@ def main() -> int:
         wire.send("fail", reason=mismatch)
         return 1
     relay = Relay(wire, hello)
-    # the caller's SIGINT is for the ranks (it sends "signal"); a hangup is the link's
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGINT stays as it is, inherited by torchrun and the ranks as on one machine
     for hangup in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(hangup, lambda *_: sys.exit(1))
     code = -1

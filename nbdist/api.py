@@ -31,7 +31,8 @@ from nbdist.channel import ChannelReader, LogFollower
 from nbdist.errors import InitTimeoutError, JobTimeoutError
 from nbdist.job import Job, RankStatus, diagnose, prune_jobs
 from nbdist.jobdir import JobDir, tail, write_json_atomic
-from nbdist.launch.local import Launch, entry_script
+from nbdist.launch import Launcher
+from nbdist.launch.local import entry_script
 from nbdist.plan import Plan, check_callable, check_seconds, debug_env, plan_launch
 from nbdist.states import NOT_JOINED, REPORTED, EventKind, JobState, RankState
 
@@ -44,7 +45,7 @@ FIRST_POLL = 0.001  # the first looks, doubling up to POLL
 
 
 _last_job: Job | None = None
-_running: Launch | None = None  # the launch supervise() follows now, for stacks()
+_running: Launcher | None = None  # the launch supervise() follows now, for stacks()
 
 
 def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
@@ -148,7 +149,7 @@ def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
         view.stop(job)
 
 
-def running_launch() -> Launch | None:
+def running_launch() -> Launcher | None:
     """The launch of the job (or pool task) running in this process now, if any."""
     return _running
 
@@ -173,7 +174,7 @@ def new_job(job_dir: JobDir, plan: Plan, return_all: bool, pool: str | None = No
 
 
 def _pack_and_launch(job_dir: JobDir, fn: Callable, args: tuple, kwargs: dict,
-                     plan: Plan, return_all: bool, env: dict[str, str] | None) -> Launch:
+                     plan: Plan, return_all: bool, env: dict[str, str] | None) -> Launcher:
     """Write what the ranks need into the job directory and start torchrun.
 
     torchrun starts as soon as everything is pickled (an unpicklable value has been
@@ -181,7 +182,7 @@ def _pack_and_launch(job_dir: JobDir, fn: Callable, args: tuple, kwargs: dict,
     written: its agent and ranks spend seconds importing torch before they read the
     payload, and wait for its file to appear.
     """
-    started: list[Launch] = []
+    started: list[Launcher] = []
     failed: list[Exception] = []
 
     def start() -> None:  # runs inside torch.save: an error here is not a pickling one
@@ -235,7 +236,7 @@ def write_spec(job_dir: JobDir, plan: Plan, return_all: bool, **more: Any) -> No
     job_dir.entry.write_text(entry_script(job_dir, cwd=cwd, sys_path=sys_path))
 
 
-def supervise(launch: Launch, job: Job, view: displays.Display, *,
+def supervise(launch: Launcher, job: Job, view: displays.Display, *,
                timeout: float | None, init_timeout: float | None,
                until: Callable[[], bool] | None = None,
                stall_warning: float | None = None) -> None:
@@ -307,7 +308,7 @@ class _StallWatch:
     collective: the likeliest hang in DDP (a rank skipped a collective, or is still
     in its data loader). Nothing is killed."""
 
-    def __init__(self, launch: Launch, view: displays.Display, seconds: float | None):
+    def __init__(self, launch: Launcher, view: displays.Display, seconds: float | None):
         self.launch = launch
         self.view = view
         self.seconds = seconds
@@ -335,7 +336,7 @@ class _StallWatch:
             f"where each rank is:\n{rankstacks.report(dumps)}")
 
 
-def _apply(event, job: Job, launch: Launch) -> None:
+def _apply(event, job: Job, launch: Launcher) -> None:
     if event.kind != EventKind.STATUS:
         return
     status = job.ranks[event.rank]
@@ -357,7 +358,7 @@ def _last_lines(job: Job, ranks: list[int]) -> str:
         for r in ranks)
 
 
-def _stacks(launch: Launch) -> str:
+def _stacks(launch: Launcher) -> str:
     """Where each rank is, before a timeout kills them (see rankstacks.py)."""
     dumps = rankstacks.collect(launch)
     return rankstacks.report(dumps) if dumps else ""

@@ -242,7 +242,7 @@ def read_error(job_dir: JobDir, rank: int) -> dict | None:
 
 
 def diagnose(job: Job, launcher_exitcode: int | None,
-             lost: dict[str, str] | None = None) -> BaseException:
+             lost: dict[str | None, str] | None = None) -> BaseException:
     """The exception to raise for a failed job: the root cause, peers mentioned.
 
     ``lost``: hosts that went away (``{host: why}``: the link to them broke, or they
@@ -347,8 +347,10 @@ def _mismatched_collectives(message: str) -> str | None:
             "collective under `if rank == 0:` is the usual cause).") if calls else None
 
 
-def _lost_host_error(job: Job, lost: dict[str, str]) -> LaunchError:
+def _lost_host_error(job: Job, lost: dict[str | None, str]) -> LaunchError:
     host, why = next(iter(lost.items()))
+    if host is None:  # the launcher's own failure (Slurm refused the allocation)
+        return LaunchError(why)
     ranks = [r.rank for r in job.ranks if r.host == host]
     on = f" (ranks {', '.join(map(str, ranks))})" if ranks else ""
     exc = LaunchError(f"host {host}{on}: {why}", host=host)
@@ -366,7 +368,8 @@ def _crash_error(job: Job, rank: int) -> WorkerCrashedError:
         hint = (" SIGKILL often means the machine ran out of memory (the kernel's OOM "
                 "killer); check `dmesg` or reduce the batch size.")
     shown = log_tail if log_tail else "(the log is empty)"
-    on = f" on host {status.host}" if job.hosts and status.host else ""
+    several = len({r.host for r in job.ranks if r.host}) > 1
+    on = f" on host {status.host}" if several else ""
     return WorkerCrashedError(
         f"rank {rank}{on} died without a Python exception: {_describe_exit(status.exitcode)}."
         f"{hint}\nLast lines of its log ({status.log}):\n{shown}",

@@ -104,9 +104,7 @@ def plan_launch(*, nprocs: int | None, gpus: int | str | Sequence[int] | None,
             "backend='nccl' needs GPUs; pass gpus=N, or use backend='gloo' on the CPU")
     visible = None
     if slurm_opts is not None and device_ids is not None and not _explicit_ids(gpus):
-        # a GPU count under Slurm: its own CUDA_VISIBLE_DEVICES names the node's GPUs
-        # that the allocation holds (salloc --gpus-per-node)
-        slurm_opts["gpus_per_node"] = len(device_ids)
+        pass  # a count under Slurm: its own CUDA_VISIBLE_DEVICES names the node's GPUs
     elif gpus is not None:
         # ids count within what the caller sees, as torch.cuda numbers them; on other
         # hosts, within what each host sees
@@ -158,11 +156,12 @@ def _parse_hosts(hosts: str | Sequence[str] | None) -> tuple[str, ...] | None:
     names = hosts.split(",") if isinstance(hosts, str) else list(hosts)
     names = [n.strip() if isinstance(n, str) else n for n in names]
     bad = [n for n in names if not isinstance(n, str) or not n or any(c.isspace() for c in n)
-           or n.startswith("-")]
+           or n.startswith("-") or names.count(n) > 1]
     if bad or not names:
         raise InvalidArgumentError(
             f"hosts={hosts!r}: expected host names as ssh knows them, e.g. "
-            f"hosts=['gpu1', 'gpu2'] (or 'user@gpu1'); bad: {bad or 'none given'}")
+            f"hosts=['gpu1', 'gpu2'] (or 'user@gpu1'), each once; bad: "
+            f"{sorted(set(bad)) or 'none given'}")
     return tuple(names)
 
 
@@ -189,6 +188,12 @@ def _parse_slurm(slurm: dict[str, Any] | bool | None) -> dict[str, Any] | None:
             f"slurm= does not know {unknown}; its options are {', '.join(SLURM_KEYS)} "
             f"(more srun/salloc arguments go in 'args': ['--qos', 'high'])")
     opts = dict(opts)
+    inside = os.environ.get("SLURM_JOB_ID")
+    for_new = sorted(k for k in ("partition", "time", "account", "args") if opts.get(k))
+    if inside and for_new:
+        raise InvalidArgumentError(
+            f"slurm {', '.join(for_new)}: this process runs inside Slurm job {inside}, "
+            f"whose nodes nbdist uses; those options are for a new allocation")
     nodes = opts.get("nodes")
     if nodes is None:
         nodes = _allocation_nodes()

@@ -42,7 +42,7 @@ from nbdist import launch as launchers
 from nbdist.errors import InvalidArgumentError, NbdistError
 from nbdist.job import Job, diagnose, prune_jobs, read_results
 from nbdist.jobdir import JobDir
-from nbdist.launch.local import Launch
+from nbdist.launch import Launcher
 from nbdist.plan import check_callable, check_seconds, debug_env, plan_launch
 from nbdist.states import REPORTED, JobState, RankState
 
@@ -94,7 +94,7 @@ class Pool:
                         "hosts": hosts, "ssh_options": ssh_options, "slurm": slurm}
         self.tasks = 0  # tasks run on the current ranks
         self.kept_names: set[str] = set()  # persist: names the ranks' namespaces hold
-        self._launch: Launch | None = None
+        self._launch: Launcher | None = None
         self._dir: JobDir | None = None
         self._ranks: Job | None = None  # the pool's own record: its ranks' pids and states
         self._idle_since = time.monotonic()
@@ -110,7 +110,9 @@ class Pool:
 
     @property
     def alive(self) -> bool:
-        return self._launch is not None and self._launch.poll() is None
+        """Its ranks are up (on every host: one lost between calls counts as down)."""
+        return (self._launch is not None and self._launch.poll() is None
+                and not self._launch.lost_hosts())
 
     def run(self, fn: Callable, *args: Any, timeout: float | None = None,
             return_all: bool = False, display: str = "auto", all_ranks: bool = False,
@@ -378,6 +380,8 @@ def check_options(pool: Pool, *, nprocs: int | None, gpus: Any, backend: str | N
         asked.append(f"hosts {hosts}")
     if slurm and have.slurm is None:
         asked.append("Slurm")
+    elif slurm and slurm.get("nodes") not in (None, have.nhosts):
+        asked.append(f"{slurm['nodes']} Slurm nodes")
     if backend is not None and backend != have.backend:
         asked.append(f"backend {backend}")
     if gpus is not None:

@@ -75,7 +75,9 @@ def fail_on_rank_3(how):
 
 
 def remote_folders(host: str) -> list[str]:
-    listing = ssh_run(host, "ls ~/.cache/nbdist/hosts 2>/dev/null")
+    """The job folders the host's relays keep (under hosts/<its hostname>/)."""
+    listing = ssh_run(host, "find ~/.cache/nbdist/hosts -mindepth 2 -maxdepth 2 "
+                            "-printf '%f\\n' 2>/dev/null")
     return listing.stdout.split()
 
 

@@ -12,7 +12,8 @@ know which launcher ran (``api.supervise``, ``pool.Pool``)::
     launch.note_rank(rank, pid, host)   a rank reported where it runs
     launch.live_ranks()      ranks known to be up
     launch.take_notices()    lines for the display ("waiting for a Slurm allocation")
-    launch.lost_hosts()      {host: why} for hosts that went away mid-job
+    launch.lost_hosts()      {host: why} for hosts lost or never reached ({None: why}: the
+                             launcher's own failure, a refused Slurm allocation)
     launch.started_at        monotonic time the ranks' processes started (None: not yet)
     launch.job               the caller's job folder, where every file ends up
 
@@ -25,12 +26,32 @@ host's job folder back into the caller's, over a link that ``ssh.py`` or
 from __future__ import annotations
 
 import os
+import signal
+from typing import Protocol
 
 from nbdist.jobdir import JobDir
 from nbdist.plan import Plan, job_env, merge_env
 
 
-def start(job: JobDir, plan: Plan, env: dict[str, str] | None, *, pool: bool = False):
+class Launcher(Protocol):
+    """What ``api.supervise``, ``pool.Pool`` and ``rankstacks`` use of a launch."""
+
+    job: JobDir
+    started_at: float | None
+
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float) -> None: ...
+    def kill(self) -> None: ...
+    def signal(self, sig: signal.Signals) -> list[int]: ...
+    def post(self, task: JobDir | None, return_all: bool, *, stop: bool = False) -> None: ...
+    def note_rank(self, rank: int, pid: int, host: str | None = None) -> None: ...
+    def live_ranks(self) -> list[int]: ...
+    def take_notices(self) -> list[str]: ...
+    def lost_hosts(self) -> dict[str | None, str]: ...
+
+
+def start(job: JobDir, plan: Plan, env: dict[str, str] | None, *,
+          pool: bool = False) -> Launcher:
     """Start the ranks of ``plan`` for the job (or pool) in ``job``."""
     defaults, overrides = job_env(plan, env)
     if plan.hosts is not None:

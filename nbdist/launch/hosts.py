@@ -37,6 +37,8 @@ from nbdist.plan import Plan
 FAILURE_GRACE = 2.0  # seconds the other hosts get to report, once one failed or was lost
 KILL_WAIT = 3.0  # seconds the relays get to stop their ranks before the links are cut
 PAYLOAD_POLL = 0.005
+PING = 5.0  # seconds between messages at least: a relay that hears nothing for
+            # _remote.LINK_SILENCE takes the caller for gone (a partitioned network)
 
 
 class Link:
@@ -50,6 +52,8 @@ class Link:
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, start_new_session=True)
         self.wire = Wire(self.proc.stdout, self.proc.stdin)
+        self.sink = Sink(launch.folder_of, accept=FROM_HOSTS, merge_lock=launch.merge_lock,
+                         tag=str(index))
         # first, before any urgent message can jump the queue (a pipe holds it whole)
         with contextlib.suppress(OSError):
             self.wire.send("job", hello)
@@ -57,40 +61,46 @@ class Link:
         self.exitcode: int | None = None  # torchrun's, as the relay reported it
         self.failure: str | None = None  # what the relay said went wrong
         self.ended = threading.Event()  # stdout closed: the link is over
-        self._queue: collections.deque = collections.deque()
+        self._queue: collections.deque = collections.deque()  # in order
+        self._urgent: collections.deque = collections.deque()  # ahead of it all
         self._wake = threading.Condition()
         self._stopping = False
         self._last_words: collections.deque = collections.deque(maxlen=20)
+        self._words_lock = threading.Lock()
+        # the reader last: it joins the stderr thread when the link ends (at once, for
+        # a host that refuses the connection)
         self._threads = {name: threading.Thread(target=target, daemon=True,
                                                 name=f"nbdist-link-{label}-{name}")
-                         for target, name in ((self._read, "read"),
-                                              (self._read_stderr, "stderr"),
-                                              (self._send_queued, "send"))}
+                         for target, name in ((self._read_stderr, "stderr"),
+                                              (self._send_queued, "send"),
+                                              (self._read, "read"))}
         for thread in self._threads.values():
             thread.start()
 
     # --- sending -----------------------------------------------------------------------
     def send(self, op: str, body: bytes = b"", *, urgent: bool = False, **fields) -> None:
-        self._put(("message", op, body, fields), urgent)
+        """Queue a message; ``urgent`` ones (start, signal, kill) overtake the others,
+        also between a file's chunks."""
+        with self._wake:
+            (self._urgent if urgent else self._queue).append(("message", op, body, fields))
+            self._wake.notify()
 
     def send_file(self, path: Path, key: str, *, wait: bool = False) -> None:
         """Send ``path`` (``wait``: once it appears) after what is queued before it."""
-        self._put(("file", path, key, wait), False)
-
-    def _put(self, item: tuple, urgent: bool) -> None:
         with self._wake:
-            (self._queue.appendleft if urgent else self._queue.append)(item)
+            self._queue.append(("file", path, key, wait))
             self._wake.notify()
 
     def _send_queued(self) -> None:
         try:
             while True:
                 with self._wake:
-                    while not self._queue and not self._stopping:
-                        self._wake.wait()
-                    if not self._queue:
+                    if not (self._urgent or self._queue or self._stopping):
+                        self._wake.wait(PING)
+                    if self._stopping and not self._urgent:
                         return
-                    item = self._queue.popleft()
+                    queue = self._urgent or self._queue
+                    item = queue.popleft() if queue else ("message", "ping", b"", {})
                 if item[0] == "message":
                     _, op, body, fields = item
                     self.wire.send(op, body, **fields)
@@ -101,6 +111,7 @@ class Link:
 
     def _send_file(self, path: Path, key: str, wait: bool) -> None:
         while wait and not path.exists() and not self._stopping:
+            self._send_urgent()
             time.sleep(PAYLOAD_POLL)
         if self._stopping:
             return
@@ -111,12 +122,11 @@ class Link:
             pass
 
     def _send_urgent(self) -> None:
-        """Between a file's chunks: messages queued ahead of it (a start, a signal)."""
         while True:
             with self._wake:
-                if not self._queue or self._queue[0][0] != "message":
+                if not self._urgent:
                     return
-                _, op, body, fields = self._queue.popleft()
+                _, op, body, fields = self._urgent.popleft()
             self.wire.send(op, body, **fields)
 
     def stop_sending(self) -> None:
@@ -127,22 +137,38 @@ class Link:
     # --- receiving ---------------------------------------------------------------------
     def _read(self) -> None:
         try:
-            while True:
-                message = self.wire.receive()
-                if message is None:
-                    break
-                header, body = message
-                if not self.launch.sink.apply(header, body):
-                    self._handle(header)
-                self.launch.activity.set()
+            self._apply_messages()
         except (OSError, ValueError) as exc:  # garbled, or a file nbdist does not send
-            self.failure = self.failure or f"the link broke: {exc}"
-            self.kill()  # unread, the host would block on its next write
+            self.failure = self.failure or (
+                f"the link broke: {exc}" if self.ready is not None else
+                f"something on the host printed to stdout before nbdist's relay started "
+                f"(a shell startup file?), or the relay could not start: {exc}")
         finally:
-            self.proc.wait()
-            # its last words (ssh's "Connection refused") are read before it counts as over
-            self._threads["stderr"].join(timeout=2)
-            self.ended.set()
+            try:
+                if self.failure:
+                    self.kill()  # unread, the host would block on its next write
+                self.proc.wait()
+                # its last words (ssh's "Connection refused") are read before it counts
+                # as over
+                self._threads["stderr"].join(timeout=2)
+            finally:
+                self.ended.set()  # whatever happened: a link never hangs the caller
+                self.launch.activity.set()
+
+    def _apply_messages(self) -> None:
+        while True:
+            message = self.wire.receive()
+            if message is None:
+                return
+            header, body = message
+            try:
+                applied = self.sink.apply(header, body)
+            except OSError as exc:  # this side's fault: a full disk, a folder gone
+                self.failure = self.failure or (
+                    f"the caller could not write what the host sent: {exc}")
+                return
+            if not applied:
+                self._handle(header)
             self.launch.activity.set()
 
     def _handle(self, header: dict) -> None:
@@ -160,7 +186,8 @@ class Link:
         with open(self.launch.job.launcher_log, "ab") as log:
             for line in self.proc.stderr:
                 text = line.decode(errors="replace").rstrip()
-                self._last_words.append(text)
+                with self._words_lock:
+                    self._last_words.append(text)
                 log.write(f"[{self.label}] {text}\n".encode())
                 log.flush()
 
@@ -172,7 +199,8 @@ class Link:
             return None
         if self.failure:
             return self.failure
-        words = "\n".join(w for w in self._last_words if w.strip())
+        with self._words_lock:
+            words = "\n".join(w for w in self._last_words if w.strip())
         said = f":\n{words}" if words else ""
         how = self.launch.describe_exit(self.proc.returncode)
         if self.ready is None:
@@ -194,6 +222,7 @@ class HostsLaunch:
     """
 
     reach_hint = ""  # how to check that a host can be reached (ssh.py, slurm.py)
+    via = ""  # "ssh" | "slurm": how the relays were reached
 
     def __init__(self, job: JobDir, plan: Plan, defaults: dict[str, str],
                  overrides: dict[str, str], *, pool: bool,
@@ -206,8 +235,8 @@ class HostsLaunch:
         self.nprocs = plan.nprocs
         self.world_size = plan.world_size
         self.links: list[Link] = []
-        self.sink = Sink(lambda key: self.job.path.parent / key if key else self.job.path,
-                         accept=FROM_HOSTS)
+        self.merge_lock = threading.Lock()  # failures.json: every host adds its ranks'
+        self.tasks: set[str] = set()  # a pool's tasks posted: the folders hosts may fill
         self.activity = threading.Event()
         self.started_at: float | None = None
         self._rank_hosts: dict[int, str] = {}
@@ -226,14 +255,19 @@ class HostsLaunch:
             "sys_path": [os.path.abspath(p) if p else cwd for p in sys.path],
             "defaults": self.defaults, "overrides": self.overrides,
             "python": list(sys.version_info[:2]), "nbdist": nbdist.__version__,
+            "via": self.via,
         }
-        for index, (label, command) in enumerate(targets):
-            link = Link(self, index, label, command,
-                        json.dumps({**hello, "index": index, "host": label}).encode())
-            self.links.append(link)
-            if index == 0:
-                link.send("start", port=None, address=None)
-            if not self.pool:  # a cold job's payload, once the caller has written it
+        try:
+            for index, (label, command) in enumerate(targets):
+                self.links.append(Link(self, index, label, command, json.dumps(
+                    {**hello, "index": index, "host": label}).encode()))
+        except BaseException:  # too many hosts for this process's files, or stop pressed
+            self.kill()
+            raise
+        # every link exists before the first host can answer with the port
+        self.links[0].send("start", port=None, address=None)
+        if not self.pool:  # a cold job's payload, once the caller has written it
+            for link in self.links:
                 link.send_file(self.job.payload, "", wait=True)
         self.started_at = time.monotonic()
 
@@ -254,9 +288,12 @@ class HostsLaunch:
             codes = [link.exitcode for link in self.links]
             return 0 if all(code == 0 for code in codes) else next(
                 (c for c in codes if c not in (None, 0, -1)), 1)
-        if (self._bad_since is not None and not self._killed
-                and time.monotonic() - self._bad_since > FAILURE_GRACE):
-            self._stop_links()  # the others wait for the lost host's ranks in vain
+        if self._bad_since is not None:
+            waited = time.monotonic() - self._bad_since
+            if waited > FAILURE_GRACE and not self._killed:
+                self._stop_links()  # the others wait for the lost host's ranks in vain
+            elif waited > FAILURE_GRACE + KILL_WAIT:
+                self._cut_links()  # a relay that does not answer (a host stuck in I/O)
         return None
 
     def wait(self, timeout: float) -> None:
@@ -265,15 +302,21 @@ class HostsLaunch:
 
     def kill(self) -> None:
         """Tell every relay to stop its ranks, then cut the links still open."""
-        self._stop_links()
-        deadline = time.monotonic() + KILL_WAIT
+        try:
+            self._stop_links()
+            deadline = time.monotonic() + KILL_WAIT
+            for link in self.links:
+                link.ended.wait(max(0.0, deadline - time.monotonic()))
+        finally:  # stop pressed again meanwhile: cut them now
+            self._cut_links()
+        deadline = time.monotonic() + 1.0
         for link in self.links:
             link.ended.wait(max(0.0, deadline - time.monotonic()))
+
+    def _cut_links(self) -> None:
         for link in self.links:
             if not link.ended.is_set():
                 link.kill()
-        for link in self.links:
-            link.ended.wait(1.0)
 
     def _stop_links(self) -> None:
         self._killed = True
@@ -289,7 +332,17 @@ class HostsLaunch:
                 link.send("signal", urgent=True, signal=int(sig))
         return self.live_ranks()
 
+    def folder_of(self, key: str) -> Path:
+        """Where a host's files for folder ``key`` go: the job's, or a posted task's."""
+        if not key:
+            return self.job.path
+        if key not in self.tasks:
+            raise KeyError(key)
+        return self.job.path.parent / key
+
     def post(self, task: JobDir | None, return_all: bool, *, stop: bool = False) -> None:
+        if task is not None:
+            self.tasks.add(task.id)
         for link in self.links:
             if task is not None:
                 link.send_file(task.payload, task.id)
@@ -307,13 +360,17 @@ class HostsLaunch:
     def take_notices(self) -> list[str]:
         return []
 
-    def lost_hosts(self) -> dict[str, str]:
+    def lost_hosts(self) -> dict[str | None, str]:
         return {link.label: link.lost for link in self.links if link.lost}
 
     def describe_exit(self, code: int | None) -> str:
+        if code is not None and code < 0:
+            with contextlib.suppress(ValueError):
+                return f"killed by {signal.Signals(-code).name}"
         return f"exit code {code}"
 
     def cut(self, proc: subprocess.Popen) -> None:
         """End a link's process at once (ssh: its whole group)."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.returncode is None:  # once reaped, its pid may be a stranger's
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)

@@ -163,7 +163,7 @@ class Launch:
         """What the display should say about the launch itself (none here)."""
         return []
 
-    def lost_hosts(self) -> dict[str, str]:
+    def lost_hosts(self) -> dict[str | None, str]:
         """Hosts that went away mid-job, with why (none here: one machine)."""
         return {}
 

@@ -36,7 +36,6 @@ _APPENDED = re.compile(r"(rank-\d+\.log|stacks-rank-\d+\.txt)")
 _EVENTS = re.compile(r"events-rank-(\d+)\.jsonl")
 _WHOLE = re.compile(r"(result-rank-\d+(\.[\w.-]+)?\.pt|error-rank-\d+\.pkl|failures\.json)")
 _SENT_TO_HOST = re.compile(r"payload\.pt")
-_KEY = re.compile(r"[\w.@-]*")  # a folder key: "" (the job's own) or a task's id
 
 
 class Wire:
@@ -208,10 +207,11 @@ class Sink:
     go to a hidden file beside their destination, renamed into place at their end."""
 
     def __init__(self, folder_of: Callable[[str], Path], *, accept: re.Pattern,
-                 merge_lock: threading.Lock | None = None):
-        self.folder_of = folder_of
+                 merge_lock: threading.Lock | None = None, tag: str = ""):
+        self.folder_of = folder_of  # a folder key -> the folder, or KeyError
         self.accept = accept
         self.merge_lock = merge_lock or threading.Lock()
+        self.tag = tag  # in the partial files' names: several links write one folder
 
     def apply(self, header: dict, body: bytes) -> bool:
         """Write one file message; False if it is not one."""
@@ -226,25 +226,32 @@ class Sink:
             finally:
                 os.close(fd)
         elif op == "chunk":
-            fd = os.open(_partial(path), os.O_WRONLY | os.O_CREAT, 0o600)
+            first = os.O_TRUNC if header["offset"] == 0 else 0
+            fd = os.open(self._partial(path), os.O_WRONLY | os.O_CREAT | first, 0o600)
             try:
                 os.pwrite(fd, body, header["offset"])
             finally:
                 os.close(fd)
         elif path.name == "failures.json":  # every host's agent writes its own ranks'
-            self._merge(path, _partial(path))
+            self._merge(path, self._partial(path))
         else:
             if header["total"] == 0:
-                _partial(path).touch(mode=0o600)
-            os.replace(_partial(path), path)
+                self._partial(path).touch(mode=0o600)
+            os.replace(self._partial(path), path)
         return True
 
     def _path(self, header: dict) -> Path:
         key, name = header["key"], header["name"]
-        if not _KEY.fullmatch(key) or ".." in key or not (
-                self.accept.fullmatch(name) or _EVENTS.fullmatch(name)):
+        try:
+            folder = self.folder_of(key)
+        except KeyError:
+            folder = None
+        if folder is None or not self.accept.fullmatch(name):
             raise ValueError(f"unexpected file from the other end: {key!r}/{name!r}")
-        return self.folder_of(key) / name
+        return folder / name
+
+    def _partial(self, path: Path) -> Path:
+        return path.with_name(f".{path.name}.{self.tag}.partial")
 
     def _merge(self, path: Path, partial: Path) -> None:
         with self.merge_lock:
@@ -258,9 +265,5 @@ class Sink:
                                durable=False)
 
 
-def _partial(path: Path) -> Path:
-    return path.with_name(f".{path.name}.partial")
-
-
-FROM_HOSTS = re.compile(f"{_APPENDED.pattern}|{_WHOLE.pattern}")
+FROM_HOSTS = re.compile(f"{_APPENDED.pattern}|{_WHOLE.pattern}|{_EVENTS.pattern}")
 TO_HOSTS = _SENT_TO_HOST

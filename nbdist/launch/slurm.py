@@ -27,7 +27,7 @@ from nbdist.launch.hosts import HostsLaunch
 from nbdist.launch.ssh import relay_command, remote_python
 from nbdist.plan import Plan
 
-HOLD = 'echo "nodes=$SLURM_JOB_NODELIST"; exec cat >/dev/null'
+HOLD = 'echo "$SLURM_JOB_ID $SLURM_JOB_NODELIST"; exec cat >/dev/null'
 
 
 def node_names(nodelist: str) -> list[str]:
@@ -45,6 +45,7 @@ def step_command(allocation: str, node: str, job: JobDir) -> list[str]:
 
 
 class SlurmLaunch(HostsLaunch):
+    via = "slurm"
     reach_hint = ("Check that the nodes run the same Python, with nbdist, at "
                   f"{remote_python()} ($NBDIST_REMOTE_PYTHON names another path).")
 
@@ -57,6 +58,7 @@ class SlurmLaunch(HostsLaunch):
         self._nodes: list[str] | None = None
         self._notices: list[str] = []
         self._said: list[str] = []  # salloc's words, for its errors
+        self._refused: str | None = None  # why Slurm did not grant the allocation
         if self.allocation:  # a step of the allocation this process runs in
             nodes = node_names(os.environ["SLURM_JOB_NODELIST"])
             if len(nodes) < self.options["nodes"]:
@@ -70,12 +72,14 @@ class SlurmLaunch(HostsLaunch):
     def _request(self) -> None:
         opts = self.options
         command = ["salloc", "--nodes", str(opts["nodes"]), "--ntasks-per-node", "1",
-                   "--job-name", f"nbdist-{self.job.id}"]
+                   # a core per rank at least: the relay's one task holds them all
+                   "--cpus-per-task", str(self.nprocs), "--job-name", self.name]
         for key in ("partition", "time", "account"):
             if opts.get(key):
                 command += [f"--{key}", str(opts[key])]
-        if opts.get("gpus_per_node"):
-            command += ["--gpus-per-node", str(opts["gpus_per_node"])]
+        if self.plan.device == "cuda" and self.plan.visible_devices is None:
+            # a count: Slurm picks the node's GPUs, and its CUDA_VISIBLE_DEVICES says which
+            command += ["--gpus-per-node", str(self.nprocs)]
         command += [*opts["args"], "--", "sh", "-c", HOLD]
         self._salloc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True,
@@ -100,48 +104,72 @@ class SlurmLaunch(HostsLaunch):
         self._nodes = nodes
         self.connect([(node, step_command(self.allocation, node, self.job)) for node in nodes])
 
+    @property
+    def name(self) -> str:
+        """The allocation's job name: unique, so that it can be cancelled by name."""
+        return f"nbdist-{self.job.id}"
+
     def poll(self) -> int | None:
+        if self._refused is not None:
+            return 1
         if self._nodes is None and self._salloc is not None:
             if self._salloc.poll() is not None:  # it ended before the nodes were known
                 said = "\n".join(self._said[-10:]) or f"exit code {self._salloc.returncode}"
-                raise LaunchError(f"Slurm did not grant the allocation:\n{said}")
+                self._refused = f"Slurm did not grant the allocation:\n{said}"
+                return 1
             line = self._salloc.stdout.readline() if _readable(self._salloc.stdout) else ""
-            if line.startswith("nodes="):
+            if line.strip():  # the hold command runs: "JOBID NODELIST"
+                self.allocation, nodelist = line.split()
                 self._notices.append(f"[nbdist] Slurm granted job {self.allocation}: "
-                                     f"{line[6:].strip()}")
-                self._connect(node_names(line[6:].strip()))
+                                     f"{nodelist}")
+                self._connect(node_names(nodelist))
             return None
         return super().poll()
+
+    def lost_hosts(self) -> dict[str | None, str]:
+        if self._refused is not None:
+            return {None: self._refused}
+        return super().lost_hosts()
 
     def take_notices(self) -> list[str]:
         notices, self._notices = self._notices, []
         return notices
 
     def kill(self) -> None:
-        super().kill()
-        if self._salloc is not None:
-            if self._nodes is None and self.allocation:  # still queued: withdraw it
-                subprocess.run(["scancel", self.allocation], capture_output=True, timeout=30)
-            with contextlib.suppress(OSError):
-                self._salloc.stdin.close()  # the hold command ends: salloc lets go
-            try:
-                self._salloc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                if self.allocation:
-                    subprocess.run(["scancel", self.allocation], capture_output=True,
-                                   timeout=30)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self._salloc.pid, signal.SIGKILL)
-                self._salloc.wait()
+        try:
+            super().kill()
+        finally:  # stop pressed again meanwhile: the nodes still go back
+            self._release()
+
+    def _release(self) -> None:
+        if self._salloc is None or self._salloc.returncode is not None:
+            return
+        if self._nodes is None:  # still queued: withdraw the request
+            _scancel("--name", self.name)
+        with contextlib.suppress(OSError):
+            self._salloc.stdin.close()  # the hold command ends: salloc lets go
+        try:
+            self._salloc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            _scancel("--name", self.name)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._salloc.pid, signal.SIGKILL)
+            self._salloc.wait()
 
     def describe_exit(self, code: int | None) -> str:
-        return f"srun exit code {code}"
+        return f"srun: {super().describe_exit(code)}"
 
     def cut(self, proc: subprocess.Popen) -> None:
         """srun alone, never its group: srun's own watcher process then cancels the
         step; killed with it, it would leave the step running."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            proc.send_signal(signal.SIGTERM)  # "forcing job termination"
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                proc.send_signal(signal.SIGTERM)  # "forcing job termination"
+
+
+def _scancel(*args: str) -> None:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.run(["scancel", *args], capture_output=True, timeout=30)
 
 
 def _readable(stream) -> bool:

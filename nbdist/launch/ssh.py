@@ -41,6 +41,7 @@ def relay_command(job: JobDir) -> list[str]:
 
 
 class SshLaunch(HostsLaunch):
+    via = "ssh"
     def __init__(self, job: JobDir, plan: Plan, defaults: dict[str, str],
                  overrides: dict[str, str], *, pool: bool):
         options = " ".join(shlex.quote(o) for o in plan.ssh_options)
@@ -54,7 +55,7 @@ class SshLaunch(HostsLaunch):
 
     def describe_exit(self, code: int | None) -> str:
         return {255: "ssh failed (exit code 255)",
-                127: "command not found (exit code 127)"}.get(code, f"exit code {code}")
+                127: "command not found (exit code 127)"}.get(code) or super().describe_exit(code)
 
 
 def start(job: JobDir, plan: Plan, defaults: dict[str, str], overrides: dict[str, str],

@@ -199,14 +199,18 @@ class Link:
             return None
         if self.failure:
             return self.failure
-        with self._words_lock:
-            words = "\n".join(w for w in self._last_words if w.strip())
-        said = f":\n{words}" if words else ""
+        said = self.last_words()
         how = self.launch.describe_exit(self.proc.returncode)
         if self.ready is None:
             return (f"nbdist could not start there ({how}){said}\n"
                     f"{self.launch.reach_hint}")
         return f"the host was lost mid-job ({how}){said}"
+
+    def last_words(self) -> str:
+        """The last lines the host's side wrote to stderr, as ":\n..." (or nothing)."""
+        with self._words_lock:
+            words = "\n".join(w for w in self._last_words if w.strip())
+        return f":\n{words}" if words else ""
 
     def kill(self) -> None:
         """Cut the link: the relay at the other end sees its stdin close and cleans up."""
@@ -361,7 +365,17 @@ class HostsLaunch:
         return []
 
     def lost_hosts(self) -> dict[str | None, str]:
-        return {link.label: link.lost for link in self.links if link.lost}
+        """Hosts lost or never reached, and hosts whose torchrun failed before any of
+        their ranks started (its words say why: a bad option, a missing module)."""
+        lost: dict[str | None, str] = {}
+        started = set(self._rank_hosts.values())
+        for link in self.links:
+            if link.lost:
+                lost[link.label] = link.lost
+            elif link.exitcode not in (None, 0, -1) and link.label not in started:
+                lost[link.label] = (f"torchrun failed there before any rank started "
+                                    f"(exit code {link.exitcode}){link.last_words()}")
+        return lost
 
     def describe_exit(self, code: int | None) -> str:
         if code is not None and code < 0:

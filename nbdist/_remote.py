@@ -24,7 +24,6 @@ import ipaddress
 import json
 import os
 import queue
-import re
 import shutil
 import signal
 import socket
@@ -34,7 +33,7 @@ import threading
 import time
 from pathlib import Path
 
-from nbdist.jobdir import JobDir, host_dir, write_json_atomic
+from nbdist.jobdir import JOB_ID, JobDir, host_dir, write_json_atomic
 from nbdist.launch.local import Launch, Rendezvous, entry_script
 from nbdist.launch.relay import TO_HOSTS, Mirror, Sink, Wire
 from nbdist.plan import merge_env
@@ -44,7 +43,6 @@ SCAN_IDLE = 0.02  # ... growing to this while nothing does
 RELAY_PID = "relay.pid"  # in its folder: a folder whose relay is gone is an orphan
 ORPHAN_AGE = 3600.0  # seconds after which a folder without a relay.pid is one too
 LINK_SILENCE = 60.0  # seconds without a message from the caller (it pings every 5 s)
-JOB_ID = re.compile(r"\d{8}-\d{6}-\d{3}-[0-9a-f]+")  # a pool's task ids (jobdir.py)
 
 
 class Relay:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import stat
 import time
@@ -41,6 +42,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 ENV_HOME = "NBDIST_HOME"
+JOB_ID = re.compile(r"\d{8}-\d{6}-\d{3}-[0-9a-f]+")  # JobDir.create's ids
+
+# What the ranks write, by how it travels from a host to the caller (launch/relay.py):
+# files that grow, the events (sent last), and records written whole, by rename.
+# A new per-rank file that the caller reads belongs in one of them.
+GROWING = re.compile(r"rank-\d+\.log|stacks-rank-\d+\.txt")
+EVENTS = re.compile(r"events-rank-(\d+)\.jsonl")
+RECORDS = re.compile(r"result-rank-\d+(\.[\w.-]+)?\.pt|error-rank-\d+\.pkl|failures\.json")
 
 
 def base_dir() -> Path:

@@ -26,9 +26,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from nbdist.jobdir import JOB_ID
+
 SIGNAL = signal.SIGUSR1
 DUMP_WAIT = 1.0  # seconds the ranks get to write their stacks
-_JOB_FOLDER = re.compile(r"\d{8}-\d{6}-\d{3}-[0-9a-f]+(@\d+)?")  # jobdir.JobDir.create's ids
+_JOB_FOLDER = re.compile(f"{JOB_ID.pattern}(@\\d+)?")  # a job's folder, or a host's copy
 _FRAME = re.compile(r'^\s+File "(?P<file>[^"]+)", line (?P<line>\d+) in (?P<fn>.+)$')
 _LIBRARY_DIRS = tuple({os.path.realpath(p) + os.sep for p in (
     sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],

@@ -189,6 +189,16 @@ def test_a_host_that_cannot_be_reached_is_named_quickly(ssh_hosts, monkeypatch, 
     # the reachable host's agent, waiting for its peer, is gone too (conftest checks)
 
 
+def test_a_host_whose_torchrun_fails_before_its_ranks_start_is_named(ssh_hosts):
+    broken = str(REPO / "tests" / "broken_torch")  # the agent's `import torch` fails
+    with pytest.raises(nbdist.LaunchError) as caught:
+        nbdist.run_distributed(sleep_forever, **on_hosts(env={"PYTHONPATH": broken}))
+    message = str(caught.value)
+    assert caught.value.host in SSH_HOSTS
+    assert "torchrun failed there before any rank started (exit code 1)" in message
+    assert "this torch is broken on purpose" in message  # torchrun's own words
+
+
 def _interrupt_when(home: str, state: str | None, when: list[float]):
     if state is None:
         time.sleep(0.05)

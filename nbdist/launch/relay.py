@@ -27,15 +27,12 @@ import threading
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-from nbdist.jobdir import write_bytes_atomic
+from nbdist.jobdir import EVENTS, GROWING, RECORDS, write_bytes_atomic
 
 CHUNK = 1 << 20  # bytes of a file per message
-
-# what the ranks write, by how it travels; anything else stays on the host
-_APPENDED = re.compile(r"(rank-\d+\.log|stacks-rank-\d+\.txt)")
-_EVENTS = re.compile(r"events-rank-(\d+)\.jsonl")
-_WHOLE = re.compile(r"(result-rank-\d+(\.[\w.-]+)?\.pt|error-rank-\d+\.pkl|failures\.json)")
-_SENT_TO_HOST = re.compile(r"payload\.pt")
+# what a host sends back: the ranks' files (jobdir.py names them); the rest stays there
+FROM_HOSTS = re.compile(f"{GROWING.pattern}|{RECORDS.pattern}|{EVENTS.pattern}")
+TO_HOSTS = re.compile(r"payload\.pt")  # the caller sends its hosts the payload only
 
 
 class Wire:
@@ -135,18 +132,18 @@ class Mirror:
         # the events' sizes first: whatever they announce was written before them
         events = {}
         for name in _names(folder):
-            if _EVENTS.fullmatch(name):
+            if EVENTS.fullmatch(name):
                 events[name] = _size(folder / name)
         sent = False
         for name in _names(folder):
-            if _APPENDED.fullmatch(name):
+            if GROWING.fullmatch(name):
                 sent |= self._send_growth(key, folder / name, None)
-            elif _WHOLE.fullmatch(name):
+            elif RECORDS.fullmatch(name):
                 sent |= self._send_whole(key, folder / name)
         for name, size in events.items():
             data = self._growth(key, folder / name, size)
             if data:
-                self.on_events(int(_EVENTS.fullmatch(name).group(1)), data)
+                self.on_events(int(EVENTS.fullmatch(name).group(1)), data)
                 self._send_data(key, name, data)
                 sent = True
         return sent
@@ -264,6 +261,3 @@ class Sink:
             write_bytes_atomic(path, json.dumps({**old, **new}, indent=1).encode(),
                                durable=False)
 
-
-FROM_HOSTS = re.compile(f"{_APPENDED.pattern}|{_WHOLE.pattern}|{_EVENTS.pattern}")
-TO_HOSTS = _SENT_TO_HOST

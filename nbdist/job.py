@@ -271,7 +271,7 @@ def diagnose(job: Job, launcher_exitcode: int | None,
         return _lost_host_error(job, lost)
     if not suspects:
         return LaunchError(
-            f"torchrun exited with {_describe_exit(launcher_exitcode)} before any rank "
+            f"torchrun exited with {describe_exit(launcher_exitcode)} before any rank "
             f"reported an outcome. Its output:\n{tail(job_dir.launcher_log)}")
     suspects.sort(key=lambda s: (s[0], s[1]))
     _, _, rank, record = suspects[0]
@@ -282,7 +282,7 @@ def diagnose(job: Job, launcher_exitcode: int | None,
         exc = _crash_error(job, rank)
     if others:
         exc.add_note("[nbdist] also failed after it: " + "; ".join(
-            f"rank {r} ({rec['type'].rsplit('.', 1)[-1] if rec else _describe_exit(job.ranks[r].exitcode)})"
+            f"rank {r} ({rec['type'].rsplit('.', 1)[-1] if rec else describe_exit(job.ranks[r].exitcode)})"
             for _, _, r, rec in others))
     return exc
 
@@ -371,13 +371,14 @@ def _crash_error(job: Job, rank: int) -> WorkerCrashedError:
     several = len({r.host for r in job.ranks if r.host}) > 1
     on = f" on host {status.host}" if several else ""
     return WorkerCrashedError(
-        f"rank {rank}{on} died without a Python exception: {_describe_exit(status.exitcode)}."
+        f"rank {rank}{on} died without a Python exception: {describe_exit(status.exitcode)}."
         f"{hint}\nLast lines of its log ({status.log}):\n{shown}",
         rank=rank, exitcode=status.exitcode, signal_name=status.signal_name,
         log_tail=log_tail)
 
 
-def _describe_exit(exitcode: int | None) -> str:
+def describe_exit(exitcode: int | None) -> str:
+    """An exit code in words: ``killed by SIGKILL``, ``exit code 1``."""
     name = _signal_name(exitcode)
     if name:
         return f"killed by {name}"

@@ -207,6 +207,14 @@ class JobDir:
         return f"JobDir({str(self.path)!r})"
 
 
+def size_of(path: Path) -> int:
+    """The size of a file another process writes, 0 while it does not exist."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def tail(path: Path, lines: int = 20, max_bytes: int = 64 * 1024) -> str:
     """The last ``lines`` lines of a text file (empty if it does not exist)."""
     try:

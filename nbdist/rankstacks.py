@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nbdist.jobdir import JOB_ID
+from nbdist.jobdir import JOB_ID, size_of
 
 SIGNAL = signal.SIGUSR1
 DUMP_WAIT = 1.0  # seconds the ranks get to write their stacks
@@ -65,13 +65,13 @@ def collect(launch) -> dict[int, str]:
     """Signal the launch's ranks and return what each dumped, as text."""
     # on another host, the dump reaches the caller's file through the host's relay
     files = {r: launch.job.stacks(r) for r in launch.live_ranks()}
-    offsets = {r: _size(path) for r, path in files.items()}
+    offsets = {r: size_of(path) for r, path in files.items()}
     launch.signal(SIGNAL)
     deadline = time.monotonic() + DUMP_WAIT
     sizes: dict[int, int] = {}
     while time.monotonic() < deadline:  # until every file grew and stopped growing
         time.sleep(0.05)
-        now = {r: _size(path) for r, path in files.items()}
+        now = {r: size_of(path) for r, path in files.items()}
         if now == sizes and all(now[r] > offsets[r] for r in files):
             break
         sizes = now
@@ -81,13 +81,6 @@ def collect(launch) -> dict[int, str]:
             f.seek(offsets[rank])
             found[rank] = f.read().decode("utf-8", errors="replace")
     return found
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
 
 
 def main_thread(dump: str) -> list[Frame]:

@@ -10,6 +10,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from conftest import kill_caller
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -45,6 +47,18 @@ def wait_for_ranks(home: str, state: str, nprocs: int, timeout: float = 60) -> P
 
 def worker_pids(job_dir: Path) -> list[int]:
     return [s["pid"] for s in rank_states(job_dir).values()]
+
+
+def kill_caller_once_running(caller: subprocess.Popen, home: str, nranks: int,
+                             record_property) -> float:
+    """SIGKILL a caller script once its job's ``nranks`` ranks run (as a dead kernel);
+    seconds until those ranks are gone."""
+    try:
+        job_dir = wait_for_ranks(home, "running", nranks)
+        return kill_caller(caller, worker_pids(job_dir), record_property)
+    finally:
+        caller.kill()
+        caller.wait()
 
 
 def start_script(code: str, **popen) -> subprocess.Popen:

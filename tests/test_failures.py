@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 import nbdist
-from conftest import kill_caller, wait_gone
-from helpers import job_dirs, start_script, wait_for_ranks, worker_pids
+from conftest import wait_gone
+from helpers import job_dirs, kill_caller_once_running, start_script, wait_for_ranks, worker_pids
 from nbdist.job import Job, read_error
 from nbdist.jobdir import JobDir
 
@@ -293,12 +293,7 @@ def test_killed_caller_takes_its_workers_along(nbdist_home, record_property):
             time.sleep(600)
         nbdist.run_distributed(sleep, nprocs=2)
     """)
-    try:
-        job_dir = wait_for_ranks(nbdist_home, "running", 2)
-        assert kill_caller(caller, worker_pids(job_dir), record_property) < 10
-    finally:
-        caller.kill()
-        caller.wait()
+    assert kill_caller_once_running(caller, nbdist_home, 2, record_property) < 10
 
 
 def _kill_agent_when_running(home):

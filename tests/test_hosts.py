@@ -22,8 +22,7 @@ import pytest
 import torch
 
 import nbdist
-from conftest import kill_caller
-from helpers import REPO, rank_states, start_script, wait_for_ranks, worker_pids
+from helpers import REPO, kill_caller_once_running, rank_states, start_script, wait_for_ranks
 from kernel_util import Kernel, kernel_manager
 from nbdist.plan import job_env, plan_launch
 from nbdist.pool import KEPT
@@ -287,12 +286,7 @@ def test_a_killed_caller_takes_every_host_along(ssh_hosts, nbdist_home, record_p
         nbdist.run_distributed(sleep, hosts={SSH_HOSTS!r}, ssh_options={ssh_options()!r},
                                nprocs=2, display="none")
     """)
-    try:
-        job_dir = wait_for_ranks(nbdist_home, "running", 4)
-        assert kill_caller(caller, worker_pids(job_dir), record_property) < 10
-    finally:
-        caller.kill()
-        caller.wait()
+    assert kill_caller_once_running(caller, nbdist_home, 4, record_property) < 10
 
 
 @pytest.mark.slow

@@ -57,11 +57,11 @@ def start(job: JobDir, plan: Plan, env: dict[str, str] | None, *,
     if plan.hosts is not None:
         from nbdist.launch import ssh
 
-        return ssh.start(job, plan, defaults, overrides, pool=pool)
+        return ssh.SshLaunch(job, plan, defaults, overrides, pool=pool)
     if plan.slurm is not None:
         from nbdist.launch import slurm
 
-        return slurm.start(job, plan, defaults, overrides, pool=pool)
+        return slurm.SlurmLaunch(job, plan, defaults, overrides, pool=pool)
     from nbdist.launch.local import Launch
 
     return Launch(job, plan.nprocs, merge_env(dict(os.environ), defaults, overrides),

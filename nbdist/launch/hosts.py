@@ -27,9 +27,9 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable
 
 import nbdist
+from nbdist.job import describe_exit
 from nbdist.jobdir import JobDir
 from nbdist.launch.relay import FROM_HOSTS, Sink, Wire, send_file
 from nbdist.plan import Plan
@@ -378,10 +378,8 @@ class HostsLaunch:
         return lost
 
     def describe_exit(self, code: int | None) -> str:
-        if code is not None and code < 0:
-            with contextlib.suppress(ValueError):
-                return f"killed by {signal.Signals(-code).name}"
-        return f"exit code {code}"
+        """How a link's process (ssh, srun) ended, in words."""
+        return describe_exit(code)
 
     def cut(self, proc: subprocess.Popen) -> None:
         """End a link's process at once (ssh: its whole group)."""

@@ -27,7 +27,7 @@ import threading
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-from nbdist.jobdir import EVENTS, GROWING, RECORDS, write_bytes_atomic
+from nbdist.jobdir import EVENTS, GROWING, RECORDS, size_of, write_bytes_atomic
 
 CHUNK = 1 << 20  # bytes of a file per message
 # what a host sends back: the ranks' files (jobdir.py names them); the rest stays there
@@ -64,13 +64,6 @@ class Wire:
         self.received += len(line) + len(body)
         return header, body
 
-    def close(self) -> None:
-        with self._lock:
-            try:
-                self._writer.close()
-            except OSError:
-                pass
-
 
 def _read_exactly(reader: BinaryIO, size: int) -> bytes | None:
     parts, left = [], size
@@ -84,14 +77,14 @@ def _read_exactly(reader: BinaryIO, size: int) -> bytes | None:
 
 
 def send_file(wire: Wire, path: Path, key: str, *, between: Callable[[], None] = lambda: None,
-              stopped: Callable[[], bool] = lambda: False) -> bool:
+              stopped: Callable[[], bool] = lambda: False) -> None:
     """Send ``path`` as chunks, then its end; ``between`` runs after each chunk (urgent
-    messages go out there). False if ``stopped`` said to give up."""
+    messages go out there). Given up, without its end, once ``stopped()``."""
     with open(path, "rb") as f:
         offset = 0
         while True:
             if stopped():
-                return False
+                return
             data = f.read(CHUNK)
             if not data:
                 break
@@ -99,7 +92,6 @@ def send_file(wire: Wire, path: Path, key: str, *, between: Callable[[], None] =
             offset += len(data)
             between()
     wire.send("end", key=key, name=path.name, total=offset)
-    return True
 
 
 class Mirror:
@@ -133,11 +125,11 @@ class Mirror:
         events = {}
         for name in _names(folder):
             if EVENTS.fullmatch(name):
-                events[name] = _size(folder / name)
+                events[name] = size_of(folder / name)
         sent = False
         for name in _names(folder):
             if GROWING.fullmatch(name):
-                sent |= self._send_growth(key, folder / name, None)
+                sent |= self._send_growth(key, folder / name)
             elif RECORDS.fullmatch(name):
                 sent |= self._send_whole(key, folder / name)
         for name, size in events.items():
@@ -148,8 +140,8 @@ class Mirror:
                 sent = True
         return sent
 
-    def _send_growth(self, key: str, path: Path, upto: int | None) -> bool:
-        data = self._growth(key, path, upto)
+    def _send_growth(self, key: str, path: Path) -> bool:
+        data = self._growth(key, path, None)
         if data:
             self._send_data(key, path.name, data)
         return bool(data)
@@ -190,13 +182,6 @@ def _names(folder: Path) -> list[str]:
         return sorted(os.listdir(folder))
     except FileNotFoundError:
         return []
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
 
 
 class Sink:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import threading
@@ -52,7 +53,6 @@ class SlurmLaunch(HostsLaunch):
     def __init__(self, job: JobDir, plan: Plan, defaults: dict[str, str],
                  overrides: dict[str, str], *, pool: bool):
         super().__init__(job, plan, defaults, overrides, pool=pool, targets=None)
-        self.options = plan.slurm
         self.allocation: str | None = os.environ.get("SLURM_JOB_ID")
         self._salloc: subprocess.Popen | None = None
         self._nodes: list[str] | None = None
@@ -61,16 +61,16 @@ class SlurmLaunch(HostsLaunch):
         self._refused: str | None = None  # why Slurm did not grant the allocation
         if self.allocation:  # a step of the allocation this process runs in
             nodes = node_names(os.environ["SLURM_JOB_NODELIST"])
-            if len(nodes) < self.options["nodes"]:
+            if len(nodes) < plan.slurm["nodes"]:
                 raise LaunchError(
-                    f"slurm nodes={self.options['nodes']}, but this allocation (job "
+                    f"slurm nodes={plan.slurm['nodes']}, but this allocation (job "
                     f"{self.allocation}) has {len(nodes)}: {', '.join(nodes)}")
-            self._connect(nodes[:self.options["nodes"]])
+            self._connect(nodes[:plan.slurm["nodes"]])
         else:
             self._request()
 
     def _request(self) -> None:
-        opts = self.options
+        opts = self.plan.slurm
         command = ["salloc", "--nodes", str(opts["nodes"]), "--ntasks-per-node", "1",
                    # a core per rank at least: the relay's one task holds them all
                    "--cpus-per-task", str(self.nprocs), "--job-name", self.name]
@@ -173,11 +173,5 @@ def _scancel(*args: str) -> None:
 
 
 def _readable(stream) -> bool:
-    import select
-
     return bool(select.select([stream], [], [], 0)[0])
 
-
-def start(job: JobDir, plan: Plan, defaults: dict[str, str], overrides: dict[str, str],
-          *, pool: bool) -> SlurmLaunch:
-    return SlurmLaunch(job, plan, defaults, overrides, pool=pool)

@@ -57,7 +57,3 @@ class SshLaunch(HostsLaunch):
         return {255: "ssh failed (exit code 255)",
                 127: "command not found (exit code 127)"}.get(code) or super().describe_exit(code)
 
-
-def start(job: JobDir, plan: Plan, defaults: dict[str, str], overrides: dict[str, str],
-          *, pool: bool) -> SshLaunch:
-    return SshLaunch(job, plan, defaults, overrides, pool=pool)

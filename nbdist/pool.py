@@ -74,8 +74,10 @@ class Pool:
             pool.run(train, epochs=3)       # then each call costs milliseconds
 
     ``persist=True`` keeps each rank's ``%%distributed`` namespace between cells.
+    ``hosts=``/``ssh_options=`` or ``slurm=`` put the ranks on several machines, as
+    for :func:`nbdist.run_distributed` (``nprocs``/``gpus`` then count per host).
     The pool dies with this process, on :meth:`close`, and when one of its ranks
-    crashes; the next :meth:`run` then starts a new one.
+    crashes or one of its hosts is lost; the next :meth:`run` then starts a new one.
     """
 
     def __init__(self, nprocs: int | None = None, *,

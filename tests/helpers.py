@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from conftest import kill_caller
 
@@ -71,3 +76,39 @@ def run_script(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
     proc = start_script(code, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@dataclass
+class Usage:
+    """What this process holds: open fds (by what they point at), threads, child
+    processes and RSS; ``grown_since`` names what is new, so a leak says what leaked."""
+
+    fds: dict[int, str]
+    threads: int  # the OS's count: torch's and zmq's threads too
+    named: dict[int, str]  # Python's threads, by ident
+    children: list[str]
+    rss: int
+
+    @classmethod
+    def now(cls) -> Usage:
+        gc.collect()  # objects of earlier tests may still hold fds: count only live ones
+        fds = {}
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                fds[int(fd)] = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:  # the fd listdir itself used, closed since
+                pass
+        me = psutil.Process()
+        children = [" ".join(p.cmdline()[:4]) for p in me.children(recursive=True)]
+        return cls(fds, me.num_threads(), {t.ident: t.name for t in threading.enumerate()},
+                   children, me.memory_info().rss)
+
+    def grown_since(self, before: Usage) -> list[str]:
+        grown = []
+        if len(self.fds) > len(before.fds):
+            grown += [f"fd {fd} -> {target}" for fd, target in self.fds.items()
+                      if before.fds.get(fd) != target]
+        if self.threads > before.threads:
+            grown += [f"{self.threads - before.threads} more threads, Python's new ones: "
+                      f"{[n for i, n in self.named.items() if i not in before.named]}"]
+        return grown + [f"process {c}" for c in self.children if c not in before.children]

@@ -13,14 +13,13 @@ import threading
 import time
 import _thread
 
-import psutil
 import pytest
 import torch
 import torch.distributed as dist
 
 import nbdist
 from conftest import kill_caller, wait_gone
-from helpers import job_dirs, rank_states, start_script
+from helpers import Usage, job_dirs, rank_states, start_script
 from nbdist.plan import plan_launch
 from nbdist.pool import KEPT, LOST
 
@@ -212,22 +211,19 @@ def test_a_pool_dies_with_its_caller_and_at_interpreter_exit(nbdist_home, record
 
 @pytest.mark.slow
 def test_a_hundred_warm_tasks_leak_nothing(nbdist_home, record_property):
-    me = psutil.Process()
     with nbdist.Pool(nprocs=2) as pool:
         pool.run(whoami, display="none")
         for _ in range(5):  # warm up caches (imports, the first job folders)
             pool.run(whoami, display="none")
-        fds, threads, rss = me.num_fds(), me.num_threads(), me.memory_info().rss
+        before = Usage.now()
         for _ in range(100):
             pool.run(whoami, display="none")
-        import gc
-
-        gc.collect()
-        grown = (me.memory_info().rss - rss) / 2**20
-        record_property("rss_growth_mib", round(grown, 2))
-        assert me.num_fds() <= fds and me.num_threads() <= threads
-        assert len(me.children(recursive=True)) == 3  # torchrun's agent and 2 ranks
-        assert grown <= 5, grown
+        after = Usage.now()
+        grown_mib = round((after.rss - before.rss) / 2**20, 2)
+        record_property("rss_growth_mib", grown_mib)
+        assert not after.grown_since(before), after.grown_since(before)
+        assert len(after.children) == 3  # torchrun's agent and 2 ranks
+        assert grown_mib <= 5, grown_mib
 
 
 def test_a_cell_may_leave_out_what_the_pool_decides(monkeypatch):

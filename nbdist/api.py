@@ -379,11 +379,31 @@ def _init_timeout_error(job: Job, timeout: float, where: str) -> InitTimeoutErro
     missing = ([r.rank for r in job.ranks if r.state in (RankState.PENDING, RankState.STARTING)]
                or [r.rank for r in job.ranks if r.state in NOT_JOINED])
     joined = [r.rank for r in job.ranks if r.rank not in missing]
+    hosts, on_hosts, silent = _hosts_not_joined(job, missing)
     lines = _last_lines(job, missing)
     stacks = f"\nWhere each rank was:\n{where}" if where else ""
     return InitTimeoutError(
-        f"ranks {missing} did not join the process group within init_timeout="
+        f"ranks {missing}{on_hosts} did not join the process group within init_timeout="
         f"{timeout:g}s (joined: {joined}); everything was killed. Code that runs before "
         f"the function (imports of the arguments' modules) or a blocked network "
-        f"rendezvous are the usual causes.{stacks}\nTheir last log lines:\n{lines}",
-        timeout=timeout, missing_ranks=missing, stacks=where)
+        f"rendezvous are the usual causes.{silent}{stacks}\nTheir last log lines:\n{lines}",
+        timeout=timeout, missing_ranks=missing, stacks=where, hosts=hosts)
+
+
+def _hosts_not_joined(job: Job, missing: list[int]) -> tuple[list[str], str, str]:
+    """On several hosts: the hosts to blame for ``missing`` ranks, where they were
+    (" on host2") and the hosts none of whose ranks started, with the last lines their
+    torchrun and relay wrote. A rank that started said where it runs."""
+    if not job.hosts or len(job.hosts) < 2:
+        return [], "", ""
+    heard = {r.host for r in job.ranks if r.host}
+    stuck = {r.host for r in job.ranks if r.rank in missing and r.host}
+    silent = [h for h in job.hosts if h not in heard]
+    log = tail(JobDir(job.dir).launcher_log, 200).splitlines() if silent else []
+    words = ""
+    for host in silent:
+        said = [line for line in log if line.startswith(f"[{host}] ")][-5:]
+        words += (f"\nNo rank started on {host}; the last lines from there:\n  "
+                  + ("\n  ".join(said) or "(none)"))
+    return ([h for h in job.hosts if h in stuck or h in silent],
+            " on " + ", ".join(h for h in job.hosts if h in stuck) if stuck else "", words)

@@ -90,13 +90,18 @@ class JobTimeoutError(NbdistError, TimeoutError):
 
 
 class InitTimeoutError(JobTimeoutError):
-    """Some ranks did not join the process group within ``init_timeout=``."""
+    """Some ranks did not join the process group within ``init_timeout=``.
+
+    On several hosts, ``hosts`` names those the missing ranks were on, and those where
+    no rank started at all; on one machine it is empty.
+    """
 
     def __init__(self, message: str, *, timeout: float, missing_ranks: list[int],
-                 stacks: str = ""):
+                 stacks: str = "", hosts: list[str] | None = None):
         super().__init__(message, timeout=timeout, running_ranks=missing_ranks,
                          stacks=stacks)
         self.missing_ranks = missing_ranks
+        self.hosts = hosts or []
 
 
 class LaunchError(NbdistError):

@@ -22,6 +22,8 @@ import pytest
 import torch
 
 import nbdist
+from nbdist import api
+from nbdist.job import Job, RankStatus
 from helpers import REPO, kill_caller_once_running, rank_states, start_script, wait_for_ranks
 from kernel_util import Kernel, kernel_manager
 from nbdist.plan import job_env, plan_launch
@@ -258,6 +260,42 @@ def test_a_timeout_on_two_hosts_shows_where_every_rank_was(ssh_hosts):
     for rank in range(4):
         assert f"rank {rank}: at " in where and "time.sleep(600)" in where
     assert "entry.py" not in where  # nbdist's own frames are counted, not shown
+
+
+class StallOnHost2:
+    """Stalls host2's ranks while they unpickle the job: before init_process_group."""
+
+    def __reduce__(self):
+        return (_stall_on_host2, ())
+
+
+def _stall_on_host2():
+    if os.environ.get("NBDIST_HOST") == "host2":
+        time.sleep(600)
+
+
+@pytest.mark.slow
+def test_ranks_that_never_join_are_named_with_their_host(ssh_hosts):
+    with pytest.raises(nbdist.InitTimeoutError) as caught:
+        nbdist.run_distributed(lambda x: None, StallOnHost2(), **on_hosts(init_timeout=8))
+    assert caught.value.missing_ranks == [2, 3] and caught.value.hosts == ["host2"]
+    assert str(caught.value).startswith("ranks [2, 3] on host2 did not join")
+    assert "_stall_on_host2" in caught.value.stacks  # where they were, from host2
+
+
+def test_a_host_where_no_rank_started_is_named_with_its_last_words(tmp_path):
+    """Neither host's ranks started (torchrun on host2 cannot reach the store, and
+    host1's waits for it): the error names both, with what each host last said."""
+    (tmp_path / "launcher.log").write_text(
+        "[host1] waiting for 1 more node\n[host2] connecting to host1:29500\n"
+        "[host2] RendezvousConnectionError: the connection to the C10d store has failed\n")
+    job = Job(id="j", dir=str(tmp_path), nprocs=4, backend="gloo", hosts=["host1", "host2"],
+              ranks=[RankStatus(r, log=str(tmp_path / f"rank-{r}.log")) for r in range(4)])
+    error = api._init_timeout_error(job, 8, where="")
+    assert error.missing_ranks == [0, 1, 2, 3] and error.hosts == ["host1", "host2"]
+    said = str(error)
+    assert "No rank started on host2; the last lines from there:\n  [host2] connecting" in said
+    assert "RendezvousConnectionError" in said and "[host1] waiting for 1 more node" in said
 
 
 @pytest.mark.slow

@@ -256,6 +256,8 @@ def supervise(launch: Launcher, job: Job, view: displays.Display, *,
     stall = _StallWatch(launch, view, stall_warning)
 
     def pump(final: bool = False) -> None:
+        if job.hosts is None and launch.hosts:  # Slurm's nodes, once allocated
+            job.hosts = launch.hosts
         for notice in launch.take_notices():
             view.notice(notice)
         for event in events.poll():

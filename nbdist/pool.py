@@ -158,7 +158,8 @@ class Pool:
         return {
             "alive": self.alive, "nprocs": self.nprocs, "backend": self.plan.backend,
             "device": self.plan.device, "visible_devices": self.plan.visible_devices,
-            "hosts": list(self.plan.hosts) if self.plan.hosts else None,
+            "hosts": (list(self.plan.hosts) if self.plan.hosts  # Slurm's: once allocated
+                      else self._launch.hosts if self._launch is not None else None),
             "persist": self.persist, "tasks": self.tasks,
             "idle_seconds": round(time.monotonic() - self._idle_since, 1),
             "ranks": [{"rank": r.rank, "pid": r.pid, "host": r.host,

@@ -366,6 +366,7 @@ def test_slurm_nodes_form_one_world_and_the_allocation_is_released(slurm_cluster
     assert [v["rank"] for v in values] == [0, 1, 2, 3]
     assert sorted(v["host"] for v in values) == ["node1", "node1", "node2", "node2"]
     job = nbdist.last_job()
+    assert job.hosts == ["node1", "node2"]  # known once allocated: the display groups by them
     assert not _slurm_jobs(job.id)  # salloc let the nodes go
 
 
@@ -375,6 +376,7 @@ def test_a_pool_of_slurm_steps_serves_tasks_and_gives_the_nodes_back(slurm_clust
         for _ in range(3):
             values = pool.run(where_am_i, torch.ones(8), return_all=True, display="none")
             assert [v["host"] for v in values] == ["node1", "node2"]
+        assert pool.status()["hosts"] == nbdist.last_job().hosts == ["node1", "node2"]
         pool_id = Path(pool.status()["dir"]).name
         assert len(_slurm_jobs(pool_id)) == 1  # one allocation for the pool's life
     assert not _slurm_jobs(pool_id)

@@ -15,6 +15,8 @@ know which launcher ran (``api.supervise``, ``pool.Pool``)::
     launch.lost_hosts()      {host: why} for hosts lost or never reached ({None: why}: the
                              launcher's own failure, a refused Slurm allocation)
     launch.started_at        monotonic time the ranks' processes started (None: not yet)
+    launch.hosts             the hosts the ranks run on, in order, once known (None: this
+                             machine, or Slurm nodes not allocated yet)
     launch.job               the caller's job folder, where every file ends up
 
 ``local.py`` runs torchrun on this machine. ``hosts.py`` runs a relay per host
@@ -38,6 +40,7 @@ class Launcher(Protocol):
 
     job: JobDir
     started_at: float | None
+    hosts: list[str] | None
 
     def poll(self) -> int | None: ...
     def wait(self, timeout: float) -> None: ...

@@ -281,6 +281,10 @@ class HostsLaunch:
             link.send("start", urgent=True, port=port, address=address)
 
     # --- the launcher interface --------------------------------------------------------
+    @property
+    def hosts(self) -> list[str] | None:
+        return [link.label for link in self.links] or None
+
     def poll(self) -> int | None:
         if not self.links:
             return None

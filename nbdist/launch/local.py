@@ -96,8 +96,10 @@ class Launch:
 
     The interface every launcher has (``launch/__init__.py``): ``poll``, ``wait``,
     ``kill``, ``signal``, ``post``, ``note_rank``, ``live_ranks``, ``take_notices``,
-    ``lost_hosts``, ``started_at``.
+    ``lost_hosts``, ``started_at``, ``hosts``.
     """
+
+    hosts = None  # this machine
 
     def __init__(self, job: JobDir, nprocs: int, env: dict[str, str], *,
                  world_size: int | None = None, pool: bool = False,

@@ -4,8 +4,8 @@ The caller reaches each host with ``ssh host python -m nbdist._remote`` or ``sru
 (``launch/hosts.py``); this process then
 
 * makes a private folder for its copy of the job (``jobdir.host_dir()``: nothing is
-  shared with the caller), writes the spec and entry script there, and the payload as
-  its chunks arrive;
+  shared with the caller), writes the spec and entry script there, the caller's own
+  modules (``shipping.py``), and the payload as its chunks arrive;
 * starts torchrun's agent with c10d rendezvous (``launch/local.py``); on the first
   host it picks the store's port and tells the caller, which tells the others;
 * mirrors what the ranks write back to the caller (``launch/relay.py``), and carries
@@ -33,6 +33,7 @@ import threading
 import time
 from pathlib import Path
 
+from nbdist import shipping
 from nbdist.jobdir import JOB_ID, JobDir, host_dir, write_json_atomic
 from nbdist.launch.local import Launch, Rendezvous, entry_script
 from nbdist.launch.relay import TO_HOSTS, Mirror, Sink, Wire
@@ -66,6 +67,7 @@ class Relay:
         self.inbox: queue.Queue = queue.Queue()
         self.last_heard = time.monotonic()  # the caller pings every few seconds
         self._partial_lines: dict[int, bytes] = {}
+        self.failure: str | None = None  # said to the caller instead of an exit code
 
     # --- set-up ----------------------------------------------------------------------
     def prepare(self) -> None:
@@ -76,6 +78,23 @@ class Relay:
         address = _my_address(hello["host"], hello["via"])
         self.address = address
         self.wire.send("ready", host=socket.gethostname(), pid=os.getpid(), address=address)
+
+    def add_modules(self, body: bytes) -> bool:
+        """The caller's own modules (``shipping.py``): on the ranks' ``sys.path``, each
+        just after the folder it came from. False if they cannot be (the caller is
+        told why: a full disk, say)."""
+        try:
+            roots = shipping.unpack(body, self.folder.path / "modules")
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the host cannot run
+            self.failure = (f"the caller's modules could not be written into "
+                            f"{self.folder.path}: {type(exc).__name__}: {exc}")
+            self.wire.send("fail", reason=self.failure)
+            return False
+        if roots:
+            sys_path = shipping.with_sent(self.hello["sys_path"], roots)
+            self.folder.entry.write_text(entry_script(self.folder, cwd=self.hello["cwd"],
+                                                      sys_path=sys_path))
+        return True
 
     def start(self, message: dict) -> None:
         hello = self.hello
@@ -110,7 +129,10 @@ class Relay:
                     break
                 header, body = message
                 self.last_heard = time.monotonic()
-                if not self.sink.apply(header, body) and header["op"] != "ping":
+                if header["op"] == "modules":  # before "start": the ranks find them
+                    if not self.add_modules(body):
+                        break
+                elif not self.sink.apply(header, body) and header["op"] != "ping":
                     self.inbox.put(header)
         except (OSError, ValueError) as exc:
             print(f"[nbdist relay] reading from the caller failed: {exc}", file=sys.stderr)
@@ -315,8 +337,9 @@ def main() -> int:
         relay.close()
     print(f"relay {os.getpid()}: torchrun ended with {code}; received "
           f"{wire.received} bytes from the caller", file=sys.stderr, flush=True)
-    with contextlib.suppress(OSError, ValueError):
-        wire.send("exit", code=code)
+    if relay.failure is None:  # else the caller has its "fail" and takes the host as lost
+        with contextlib.suppress(OSError, ValueError):
+            wire.send("exit", code=code)
     return 0
 
 

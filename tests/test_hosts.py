@@ -13,6 +13,7 @@ from __future__ import annotations
 import _thread
 import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -250,6 +251,54 @@ def test_a_host_lost_mid_job_is_named_and_its_peers_stopped(ssh_hosts, nbdist_ho
     assert [f for f in remote_folders("host2") if f.startswith(lost)]
     nbdist.run_distributed(where_am_i, torch.ones(1), **on_hosts())
     assert not [f for f in remote_folders("host2") if f.startswith(lost)]
+
+
+def use_my_modules(box):
+    import os
+
+    import nearby  # in the caller's folder, never imported there
+    import shipmod
+    from shippkg import deep  # a package's submodule the caller never imported
+
+    return (shipmod.twice(box.value), type(box).__module__, deep.VALUE, nearby.NAME,
+            os.path.dirname(shipmod.__file__).endswith("modules/0"))
+
+
+def test_the_notebooks_own_modules_reach_hosts_without_its_folder(ssh_hosts, tmp_path,
+                                                                   monkeypatch):
+    """The folder is under the test's tmp_path, which the hosts do not see (a tmpfs
+    there): the modules travel with the job."""
+    folder = tmp_path / "notebook"
+    (folder / "shippkg").mkdir(parents=True)
+    (folder / "shipmod.py").write_text(
+        "def twice(x):\n    return 2 * x\n\n"
+        "class Box:\n    def __init__(self, value):\n        self.value = value\n")
+    (folder / "shippkg" / "__init__.py").write_text("")
+    (folder / "shippkg" / "deep.py").write_text("VALUE = 42\n")
+    (folder / "nearby.py").write_text("NAME = 'nearby'\n")
+    monkeypatch.chdir(folder)
+    monkeypatch.syspath_prepend(str(folder))  # as '' is in a notebook
+    try:
+        import shipmod  # a class of it goes by reference, as cloudpickle does
+
+        values = nbdist.run_distributed(use_my_modules, shipmod.Box(21), return_all=True,
+                                        **{**on_hosts(), "nprocs": 1})
+    finally:
+        for name in ("shipmod", "shippkg"):
+            sys.modules.pop(name, None)
+    assert values == [(42, "shipmod", 42, "nearby", True)] * 2
+
+
+def test_a_host_that_cannot_write_the_modules_is_named_with_why(ssh_hosts, monkeypatch):
+    from nbdist import shipping
+
+    monkeypatch.setattr(shipping, "pack", lambda files: b"not zlib")  # as a full disk
+    started = time.monotonic()
+    with pytest.raises(nbdist.LaunchError) as caught:
+        nbdist.run_distributed(sleep_forever, **on_hosts())
+    assert time.monotonic() - started < LAUNCH_ERROR_SECONDS
+    assert caught.value.host in SSH_HOSTS
+    assert "the caller's modules could not be written" in str(caught.value)
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@
 
     caller                          host i  (ssh host … / srun -w node …)
      ├─ Link i: a child process ──▶ python -m nbdist._remote   (launch/relay.py wire)
-     │   sender thread:  job, start, payload chunks, tasks, signals, kill  (its stdin)
+     │   sender thread:  job, modules, start, payload chunks, tasks, signals, kill  (its stdin)
      │   reader thread:  the host's files into the caller's job folder     (its stdout)
      │   stderr thread:  ssh's / srun's / the relay's words → launcher.log, prefixed
      └─ … one per host; the first host's relay picks the rendezvous port, the caller
@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import nbdist
+from nbdist import shipping
 from nbdist.job import describe_exit
 from nbdist.jobdir import JobDir
 from nbdist.launch.relay import FROM_HOSTS, Sink, Wire, send_file
@@ -45,7 +46,7 @@ class Link:
     """One host: the process that reaches it (ssh, srun) and the threads around it."""
 
     def __init__(self, launch: "HostsLaunch", index: int, label: str, command: list[str],
-                 hello: bytes):
+                 hello: bytes, modules: bytes):
         self.launch = launch
         self.index = index
         self.label = label
@@ -65,6 +66,8 @@ class Link:
         self._urgent: collections.deque = collections.deque()  # ahead of it all
         self._wake = threading.Condition()
         self._stopping = False
+        # the caller's own modules (shipping.py) go ahead of the start, urgent too
+        self._urgent.append(("message", "modules", modules, {}))
         self._last_words: collections.deque = collections.deque(maxlen=20)
         self._words_lock = threading.Lock()
         # the reader last: it joins the stderr thread when the link ends (at once, for
@@ -244,6 +247,7 @@ class HostsLaunch:
         self.activity = threading.Event()
         self.started_at: float | None = None
         self._rank_hosts: dict[int, str] = {}
+        self._notices: list[str] = []  # for the display (take_notices)
         self._bad_since: float | None = None
         self._killed = False
         if targets is not None:
@@ -253,10 +257,17 @@ class HostsLaunch:
         """Open a link per host; the first host's relay picks the rendezvous port."""
         spec = self.job.read_spec()
         cwd = os.getcwd()
+        sys_path = [os.path.abspath(p) if p else cwd for p in sys.path]
+        files, left_out = shipping.collect(sys_path, cwd)
+        if left_out:
+            self._notices.append(f"[nbdist] not sent to the hosts: your modules "
+                                 f"{', '.join(left_out)}; where a host lacks their folder, "
+                                 f"install them there")
+        modules = shipping.pack(files)
         hello = {
             "job": self.job.id, "nhosts": len(targets), "nprocs": self.nprocs,
             "world_size": self.world_size, "pool": self.pool, "spec": spec, "cwd": cwd,
-            "sys_path": [os.path.abspath(p) if p else cwd for p in sys.path],
+            "sys_path": sys_path,
             "defaults": self.defaults, "overrides": self.overrides,
             "python": list(sys.version_info[:2]), "nbdist": nbdist.__version__,
             "via": self.via,
@@ -264,7 +275,7 @@ class HostsLaunch:
         try:
             for index, (label, command) in enumerate(targets):
                 self.links.append(Link(self, index, label, command, json.dumps(
-                    {**hello, "index": index, "host": label}).encode()))
+                    {**hello, "index": index, "host": label}).encode(), modules))
         except BaseException:  # too many hosts for this process's files, or stop pressed
             self.kill()
             raise
@@ -366,7 +377,8 @@ class HostsLaunch:
         return sorted(r for r, host in self._rank_hosts.items() if host in up)
 
     def take_notices(self) -> list[str]:
-        return []
+        notices, self._notices = self._notices, []
+        return notices
 
     def lost_hosts(self) -> dict[str | None, str]:
         """Hosts lost or never reached, and hosts whose torchrun failed before any of

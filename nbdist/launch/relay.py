@@ -7,8 +7,8 @@ supervisor, the displays and ``diagnose`` read it as they read a local job::
 
     caller                                   host (python -m nbdist._remote)
     ──────                                   ────────────────────────────────
-    job, start, payload chunks, post,  ──▶   writes spec/entry/payload, runs torchrun,
-    signal, kill (stdin)                     wakes a pool's ranks, signals them
+    job, modules, start, payload,      ──▶   writes spec/entry/modules/payload, runs torchrun,
+    post, signal, kill (stdin)               wakes a pool's ranks, signals them
     Sink: writes into the job folder   ◀──   Mirror: what the ranks wrote (stdout)
 
 A message is one JSON line, then ``size`` bytes of body. Files travel in chunks, so a

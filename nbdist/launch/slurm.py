@@ -56,7 +56,6 @@ class SlurmLaunch(HostsLaunch):
         self.allocation: str | None = os.environ.get("SLURM_JOB_ID")
         self._salloc: subprocess.Popen | None = None
         self._nodes: list[str] | None = None
-        self._notices: list[str] = []
         self._said: list[str] = []  # salloc's words, for its errors
         self._refused: str | None = None  # why Slurm did not grant the allocation
         if self.allocation:  # a step of the allocation this process runs in
@@ -130,10 +129,6 @@ class SlurmLaunch(HostsLaunch):
         if self._refused is not None:
             return {None: self._refused}
         return super().lost_hosts()
-
-    def take_notices(self) -> list[str]:
-        notices, self._notices = self._notices, []
-        return notices
 
     def kill(self) -> None:
         try:

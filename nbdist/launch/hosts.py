@@ -4,8 +4,8 @@
 
     caller                          host i  (ssh host … / srun -w node …)
      ├─ Link i: a child process ──▶ python -m nbdist._remote   (launch/relay.py wire)
-     │   sender thread:  job, modules, start, payload chunks, tasks, signals, kill  (its stdin)
-     │   reader thread:  the host's files into the caller's job folder     (its stdout)
+     │   sender thread:  job, modules, start, payload, tasks, signals, kill (its stdin)
+     │   reader thread:  the host's files into the caller's job folder  (its stdout)
      │   stderr thread:  ssh's / srun's / the relay's words → launcher.log, prefixed
      └─ … one per host; the first host's relay picks the rendezvous port, the caller
         passes it on to the others, each starts torchrun --nnodes N (c10d)

@@ -49,6 +49,8 @@ import workloads
 
 MiB = 1 << 20
 HOSTS = [h for h in os.environ.get("NBDIST_BENCH_HOSTS", "host1,host2").split(",") if h]
+SCALE_HOSTS = [h for h in os.environ.get("NBDIST_BENCH_SCALE_HOSTS",
+                                         "host1,host2,host3,host4,host5,host6").split(",") if h]
 SSH_CONFIG = (os.environ.get("NBDIST_BENCH_SSH_CONFIG")
               or os.environ.get("NBDIST_TEST_SSH_CONFIG") or "/etc/nbdist-ci/ssh_config")
 SSH_OPTIONS = ["-F", SSH_CONFIG]
@@ -388,7 +390,12 @@ TWO_HOSTS_NOOP: list[float] = []  # the scale measure's 2 hosts x 1 rank noop jo
 
 
 def _hosts(k: int) -> list[str]:
-    return [HOSTS[i % len(HOSTS)] for i in range(k)]
+    """``k`` distinct host names (nbdist takes each once): the two of ``HOSTS``, then
+    ``SCALE_HOSTS``' (.ci/hosts names the same two sshd host3..host6 too)."""
+    names = list(dict.fromkeys(HOSTS[:2] + SCALE_HOSTS))
+    if k > len(names):
+        raise SystemExit(f"{k} hosts asked, {len(names)} named: set NBDIST_BENCH_SCALE_HOSTS")
+    return names[:k]
 
 
 def _logs(cfg, run) -> list:

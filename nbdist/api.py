@@ -407,5 +407,6 @@ def _hosts_not_joined(job: Job, missing: list[int]) -> tuple[list[str], str, str
         said = [line for line in log if line.startswith(f"[{host}] ")][-5:]
         words += (f"\nNo rank started on {host}; the last lines from there:\n  "
                   + ("\n  ".join(said) or "(none)"))
-    return ([h for h in job.hosts if h in stuck or h in silent],
-            " on " + ", ".join(h for h in job.hosts if h in stuck) if stuck else "", words)
+    blamed = [h for h in job.hosts if h in stuck or h in silent]
+    on = " on " + ", ".join(h for h in job.hosts if h in stuck) if stuck else ""
+    return blamed, on, words

@@ -7,6 +7,7 @@ leaves a process behind.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import threading
@@ -19,7 +20,7 @@ import torch.distributed as dist
 
 import nbdist
 from conftest import kill_caller, wait_gone
-from helpers import Usage, job_dirs, rank_states, start_script
+from helpers import job_dirs, rank_states, run_script, start_script
 from nbdist.plan import plan_launch
 from nbdist.pool import KEPT, LOST
 
@@ -211,19 +212,30 @@ def test_a_pool_dies_with_its_caller_and_at_interpreter_exit(nbdist_home, record
 
 @pytest.mark.slow
 def test_a_hundred_warm_tasks_leak_nothing(nbdist_home, record_property):
-    with nbdist.Pool(nprocs=2) as pool:
-        pool.run(whoami, display="none")
-        for _ in range(5):  # warm up caches (imports, the first job folders)
-            pool.run(whoami, display="none")
-        before = Usage.now()
-        for _ in range(100):
-            pool.run(whoami, display="none")
-        after = Usage.now()
-        grown_mib = round((after.rss - before.rss) / 2**20, 2)
-        record_property("rss_growth_mib", grown_mib)
-        assert not after.grown_since(before), after.grown_since(before)
-        assert len(after.children) == 3  # torchrun's agent and 2 ranks
-        assert grown_mib <= 5, grown_mib
+    """In a fresh Python of its own, as the soak test (test_reliability.py says why)."""
+    proc = run_script("""
+        import json, sys
+        sys.path.insert(0, "tests")
+        import nbdist
+        from helpers import Usage
+        from test_pool import whoami
+
+        with nbdist.Pool(nprocs=2) as pool:
+            for _ in range(6):  # warm up caches (imports, the first job folders)
+                pool.run(whoami, display="none")
+            before = Usage.now()
+            for _ in range(100):
+                pool.run(whoami, display="none")
+            after = Usage.now()
+        print(json.dumps([(after.rss - before.rss) / 2**20, after.grown_since(before),
+                          len(after.children)]))
+    """, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    grown_mib, grown, children = json.loads(proc.stdout.splitlines()[-1])
+    record_property("rss_growth_mib", round(grown_mib, 2))
+    assert not grown, grown  # fds, threads or processes that outlived their task
+    assert children == 3  # torchrun's agent and 2 ranks
+    assert grown_mib <= 5, grown_mib
 
 
 def test_a_cell_may_leave_out_what_the_pool_decides(monkeypatch):

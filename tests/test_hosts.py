@@ -201,9 +201,11 @@ def test_a_host_whose_torchrun_fails_before_its_ranks_start_is_named(ssh_hosts):
     assert "this torch is broken on purpose" in message  # torchrun's own words
 
 
-def _interrupt_when(home: str, state: str | None, when: list[float]):
-    if state is None:
-        time.sleep(0.05)
+def _interrupt_when(home: str, state: str | None, when: list[float], before=None):
+    if state is None:  # connecting: once the job (not ``before``) is followed, before
+        deadline = time.monotonic() + 30  # any host answered
+        while nbdist.last_job() is before and time.monotonic() < deadline:
+            time.sleep(0.001)
     else:
         wait_for_ranks(home, state, 4, timeout=30)
     when.append(time.monotonic())
@@ -218,7 +220,7 @@ def test_interrupt_in_each_phase_leaves_nothing_on_any_host(ssh_hosts, nbdist_ho
     the function runs."""
     when: list[float] = []
     state = {"connecting": None, "starting": "starting", "running": "running"}[phase]
-    threading.Thread(target=_interrupt_when, args=(nbdist_home, state, when),
+    threading.Thread(target=_interrupt_when, args=(nbdist_home, state, when, nbdist.last_job()),
                      daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
         nbdist.run_distributed(sleep_forever, **on_hosts(timeout=60))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -45,11 +46,19 @@ def _job_processes() -> list[int]:
     return [p.pid for p in psutil.Process().children(recursive=True)]
 
 
+def _agents() -> list[psutil.Process]:
+    found = []
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):  # one that just ended (a zombie, gone)
+            if "nbdist._agent" in " ".join(child.cmdline()):
+                found.append(child)
+    return found
+
+
 def _interrupt_when(home: str, phase: str, seen: list[int], when: list[float]) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        agents = [p for p in psutil.Process().children()
-                  if "nbdist._agent" in " ".join(p.cmdline())]
+        agents = _agents()
         if phase in ("starting", "writing") and agents:
             break
         if phase == "init" and job_dirs(home) and any(

@@ -66,6 +66,19 @@ def kill_caller_once_running(caller: subprocess.Popen, home: str, nranks: int,
         caller.wait()
 
 
+def agents() -> list[psutil.Process]:
+    """This process's torchrun agents (``nbdist._agent``) now."""
+    return [child for child in psutil.Process().children()
+            if "nbdist._agent" in " ".join(_cmdline(child))]
+
+
+def _cmdline(proc: psutil.Process) -> list[str]:
+    try:
+        return proc.cmdline()
+    except psutil.Error:  # a child that just ended (a zombie, or gone)
+        return []
+
+
 def start_script(code: str, **popen) -> subprocess.Popen:
     """Run ``code`` as a __main__ script in a child Python, from the repo root."""
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO,
@@ -99,7 +112,7 @@ class Usage:
             except OSError:  # the fd listdir itself used, closed since
                 pass
         me = psutil.Process()
-        children = [" ".join(p.cmdline()[:4]) for p in me.children(recursive=True)]
+        children = [" ".join(_cmdline(p)[:4]) for p in me.children(recursive=True)]
         return cls(fds, me.num_threads(), {t.ident: t.name for t in threading.enumerate()},
                    children, me.memory_info().rss)
 

@@ -17,14 +17,14 @@ import types
 import _thread
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 import torch.distributed as dist
 
 import nbdist
 from conftest import wait_gone
-from helpers import job_dirs, kill_caller_once_running, start_script, wait_for_ranks, worker_pids
+from helpers import (agents, job_dirs, kill_caller_once_running, start_script,
+                     wait_for_ranks, worker_pids)
 from nbdist.job import Job, read_error
 from nbdist.jobdir import JobDir
 
@@ -298,9 +298,7 @@ def test_killed_caller_takes_its_workers_along(nbdist_home, record_property):
 
 def _kill_agent_when_running(home):
     wait_for_ranks(home, "running", 2)
-    agent = [p for p in psutil.Process().children()
-             if "nbdist._agent" in " ".join(p.cmdline())]
-    agent[0].kill()
+    agents()[0].kill()
 
 
 def test_killed_torchrun_is_an_error_and_leaves_no_worker(nbdist_home, record_property):

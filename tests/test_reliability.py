@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import threading
@@ -15,7 +14,7 @@ import torch
 
 import nbdist
 from conftest import wait_gone
-from helpers import job_dirs, rank_states, run_script, worker_pids
+from helpers import agents, job_dirs, rank_states, run_script, worker_pids
 from nbdist import payload
 from nbdist.job import Job, RankStatus, prune_jobs
 from nbdist.jobdir import JobDir
@@ -46,20 +45,10 @@ def _job_processes() -> list[int]:
     return [p.pid for p in psutil.Process().children(recursive=True)]
 
 
-def _agents() -> list[psutil.Process]:
-    found = []
-    for child in psutil.Process().children():
-        with contextlib.suppress(psutil.Error):  # one that just ended (a zombie, gone)
-            if "nbdist._agent" in " ".join(child.cmdline()):
-                found.append(child)
-    return found
-
-
 def _interrupt_when(home: str, phase: str, seen: list[int], when: list[float]) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        agents = _agents()
-        if phase in ("starting", "writing") and agents:
+        if phase in ("starting", "writing") and agents():
             break
         if phase == "init" and job_dirs(home) and any(
                 s["state"] == "joining" for s in rank_states(job_dirs(home)[-1]).values()):

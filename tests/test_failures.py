@@ -123,15 +123,19 @@ def die_while_saving_result():
     return {"weights": torch.ones(1_000_000), "bomb": DiesWhilePickled()}
 
 
-class SlowToUnpickleOnRank1:
-    """Stalls rank 1 before it can join the process group."""
+class StallWhenUnpickled:
+    """Stalls the ranks whose ``$variable`` is ``value`` (``RANK`` 1, ``NBDIST_HOST``
+    host2) while they unpickle the job: before they can join the process group."""
+
+    def __init__(self, variable: str, value: str):
+        self.variable, self.value = variable, value
 
     def __reduce__(self):
-        return (_stall_on_rank1, ())
+        return (_stall_where, (self.variable, self.value))
 
 
-def _stall_on_rank1():
-    if os.environ.get("RANK") == "1":
+def _stall_where(variable: str, value: str):
+    if os.environ.get(variable) == value:
         time.sleep(600)
     return None
 
@@ -162,7 +166,7 @@ FAULTS = {
     "two-ranks-fail": (two_failures, (), {}, KeyError, "first", 1, 5),
     "timeout": (rank0_waits_in_barrier_rank1_sleeps, (), {"timeout": 15},
                 nbdist.JobTimeoutError, "rank 1 sleeping", None, 3),
-    "init-hang": (lambda x: None, (SlowToUnpickleOnRank1(),), {"init_timeout": 15},
+    "init-hang": (lambda x: None, (StallWhenUnpickled("RANK", "1"),), {"init_timeout": 15},
                   nbdist.InitTimeoutError, "ranks [1] did not join", None, 3),
     "module-missing-on-workers": (lambda x: None, ("ghost",), {},
                                   ModuleNotFoundError, "ghost_module", None, 5),
@@ -228,7 +232,7 @@ def test_fault(fault, record_property):
         assert re.search(r"rank [01] called \w+ \(collective #0[^;]*\); rank [01] called \w+",
                          message), message
     if fault == "init-hang":  # rank 1 is stuck unpickling, before init_process_group
-        assert re.search(r"rank 1: at \S+ line \d+ in _stall_on_rank1", exc.stacks), exc.stacks
+        assert re.search(r"rank 1: at \S+ line \d+ in _stall_where", exc.stacks), exc.stacks
     job = nbdist.last_job()
     if fault == "killed-while-writing-result":  # never a half-written result
         assert not JobDir(job.dir).result(0).exists()

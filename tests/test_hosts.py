@@ -23,14 +23,15 @@ import pytest
 import torch
 
 import nbdist
-from nbdist import api
-from nbdist.job import Job, RankStatus
 from helpers import REPO, kill_caller_once_running, rank_states, start_script, wait_for_ranks
 from kernel_util import Kernel, kernel_manager
+from nbdist import api
+from nbdist.job import Job, RankStatus
 from nbdist.plan import job_env, plan_launch
 from nbdist.pool import KEPT
 from remote_hosts import (BAD_KEY_HOST, NO_HOST, SLURM_NODES, SSH_HOSTS, slurm_cluster,  # noqa: F401
                           ssh_hosts, ssh_options, ssh_run)
+from test_failures import StallWhenUnpickled
 
 LAUNCH_ERROR_SECONDS = 15  # an unreachable host is an error within this
 
@@ -313,25 +314,14 @@ def test_a_timeout_on_two_hosts_shows_where_every_rank_was(ssh_hosts):
     assert "entry.py" not in where  # nbdist's own frames are counted, not shown
 
 
-class StallOnHost2:
-    """Stalls host2's ranks while they unpickle the job: before init_process_group."""
-
-    def __reduce__(self):
-        return (_stall_on_host2, ())
-
-
-def _stall_on_host2():
-    if os.environ.get("NBDIST_HOST") == "host2":
-        time.sleep(600)
-
-
 @pytest.mark.slow
 def test_ranks_that_never_join_are_named_with_their_host(ssh_hosts):
     with pytest.raises(nbdist.InitTimeoutError) as caught:
-        nbdist.run_distributed(lambda x: None, StallOnHost2(), **on_hosts(init_timeout=8))
+        nbdist.run_distributed(lambda x: None, StallWhenUnpickled("NBDIST_HOST", "host2"),
+                               **on_hosts(init_timeout=8))
     assert caught.value.missing_ranks == [2, 3] and caught.value.hosts == ["host2"]
     assert str(caught.value).startswith("ranks [2, 3] on host2 did not join")
-    assert "_stall_on_host2" in caught.value.stacks  # where they were, from host2
+    assert "_stall_where" in caught.value.stacks  # where they were, from host2
 
 
 def test_a_host_where_no_rank_started_is_named_with_its_last_words(tmp_path):

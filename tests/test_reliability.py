@@ -18,7 +18,7 @@ from helpers import agents, job_dirs, rank_states, run_script, worker_pids
 from nbdist import payload
 from nbdist.job import Job, RankStatus, prune_jobs
 from nbdist.jobdir import JobDir
-from test_failures import SlowToUnpickleOnRank1, noop
+from test_failures import StallWhenUnpickled, noop
 
 
 class InterruptWhilePacking:
@@ -68,7 +68,7 @@ PHASES = {
     # torchrun starts while the tensors' bytes are still written (64 of them: the
     # interrupt lands between two)
     "writing": (noop, ([torch.zeros(1 << 20) for _ in range(64)],), True),
-    "init": (lambda x: None, (SlowToUnpickleOnRank1(),), True),
+    "init": (lambda x: None, (StallWhenUnpickled("RANK", "1"),), True),
     "collecting": (return_interrupting_result, (), False),
 }
 

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from nbdist import runtime
-from nbdist.channel import ChannelWriter, Event
+from nbdist.channel import ChannelWriter
+from nbdist.protocol import Event, Metrics, Progress
 from nbdist.job import Job, RankStatus
 
 N = 2_000_000
@@ -70,16 +71,14 @@ def events(nprocs: int, count: int) -> list[Event]:
     for i in range(count):
         rank = i % nprocs
         if i % 2:
-            out.append(Event(rank, "progress", i * 0.01, {"bar": 0, "desc": "train",
-                                                          "n": i, "total": count}))
+            out.append(Event(rank, i * 0.01, Progress(0, "train", i, count)))
         else:
-            out.append(Event(rank, "metrics", i * 0.01,
-                             {"values": {"loss": 1.0 / (i + 1), "acc": 0.5}, "step": i}))
+            out.append(Event(rank, i * 0.01, Metrics({"loss": 1.0 / (i + 1), "acc": 0.5}, i)))
     return out
 
 
 def caller_side(folder: Path, nprocs: int = 8) -> dict[str, float]:
-    job = Job(id="bench", dir=str(folder), nprocs=nprocs, backend="gloo",
+    job = Job(id="bench", dir=str(folder), world_size=nprocs, backend="gloo",
               ranks=[RankStatus(r, log=str(folder / f"rank-{r}.log")) for r in range(nprocs)])
     stream = events(nprocs, 20_000)
     results = {}

@@ -18,8 +18,9 @@ import threading
 import time
 from pathlib import Path
 
-from nbdist.jobdir import write_json_atomic
+from nbdist.jobdir import JobDir, write_bytes_atomic
 from nbdist.launch.local import descendants
+from nbdist.protocol import RankExit, encode_exits
 
 PARENT_POLL = 0.5
 
@@ -45,12 +46,11 @@ def main(argv: list[str]) -> int:
     try:
         run(args)
     except ChildFailedError as exc:
-        failures = {
-            str(rank): {"exitcode": f.exitcode, "pid": f.pid,
-                        "local_rank": f.local_rank, "timestamp": f.timestamp}
-            for rank, f in exc.failures.items()
-        }
-        write_json_atomic(Path(args.training_script).parent / "failures.json", failures)
+        failures = {rank: RankExit(exitcode=f.exitcode, pid=f.pid, local_rank=f.local_rank,
+                                   timestamp=f.timestamp)
+                    for rank, f in exc.failures.items()}
+        job = JobDir(Path(args.training_script).parent)  # entry.py lies in its job folder
+        write_bytes_atomic(job.failures, encode_exits(failures))
         print(exc, file=sys.stderr)
         return 1
     return 0

@@ -19,11 +19,12 @@ It imports no torch: it starts in a few tens of milliseconds.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import ipaddress
-import json
 import os
 import queue
+import select
 import shutil
 import signal
 import socket
@@ -34,90 +35,86 @@ import time
 from pathlib import Path
 
 from nbdist import shipping
-from nbdist.jobdir import JOB_ID, JobDir, host_dir, write_json_atomic
-from nbdist.launch.local import Launch, Rendezvous, entry_script
+from nbdist.jobdir import JOB_ID, JobDir, host_dir
+from nbdist.launch.local import Launch, Rendezvous
 from nbdist.launch.relay import TO_HOSTS, Mirror, Sink, Wire
-from nbdist.plan import merge_env
+from nbdist.protocol import (VERSION, Exit, Fail, Hello, Kill, Message, Modules, Port,
+                             PostTask, ProtocolError, Ready, Signal, Start)
 
 SCAN_FAST = 0.002  # seconds between scans right after something happened ...
-SCAN_IDLE = 0.02  # ... growing to this while nothing does
-RELAY_PID = "relay.pid"  # in its folder: a folder whose relay is gone is an orphan
+SCAN_IDLE = 0.02  # ... growing to this while nothing does (events ring the bell anyway)
 ORPHAN_AGE = 3600.0  # seconds after which a folder without a relay.pid is one too
 LINK_SILENCE = 60.0  # seconds without a message from the caller (it pings every 5 s)
 
 
 class Relay:
-    def __init__(self, wire: Wire, hello: dict):
+    def __init__(self, wire: Wire, hello: Hello):
         self.wire = wire
         self.hello = hello
-        self.index = hello["index"]
+        self.spec = hello.spec  # with the sent modules' folders on sys.path once they came
         # per machine: on a shared filesystem only this machine's relays are judged here
         root = host_dir() / socket.gethostname()
         root.mkdir(mode=0o700, exist_ok=True)
         _remove_orphans(root)
-        self.folder = JobDir(root / f"{hello['job']}@{self.index}")
+        self.folder = JobDir(root / f"{hello.job}@{hello.index}")
         self.folder.path.mkdir(mode=0o700)
-        (self.folder.path / RELAY_PID).write_text(str(os.getpid()))
+        self.folder.relay_pid.write_text(str(os.getpid()))
         self.tasks: dict[str, JobDir] = {}  # a pool's task folders, by task id
         self._tasks_lock = threading.Lock()  # the reader thread makes them
         self.launch: Launch | None = None
-        self.mirror = Mirror(wire, on_events=self._note_pids)
+        self.mirror = Mirror(wire)
         self.mirror.watch("", self.folder.path)
         self.sink = Sink(self._folder_of, accept=TO_HOSTS)
         self.inbox: queue.Queue = queue.Queue()
+        self._knock, self._knocked = os.pipe()  # the reader thread wakes the loop with it
+        os.set_blocking(self._knock, False)
         self.last_heard = time.monotonic()  # the caller pings every few seconds
-        self._partial_lines: dict[int, bytes] = {}
         self.failure: str | None = None  # said to the caller instead of an exit code
+        self.address = _my_address(hello.host, hello.via)
 
     # --- set-up ----------------------------------------------------------------------
     def prepare(self) -> None:
-        hello = self.hello
-        write_json_atomic(self.folder.spec, hello["spec"], durable=False)
-        self.folder.entry.write_text(entry_script(self.folder, cwd=hello["cwd"],
-                                                  sys_path=hello["sys_path"]))
-        address = _my_address(hello["host"], hello["via"])
-        self.address = address
-        self.wire.send("ready", host=socket.gethostname(), pid=os.getpid(), address=address)
+        self.wire.send(Ready(host=socket.gethostname(), pid=os.getpid(), address=self.address))
 
     def add_modules(self, body: bytes) -> bool:
         """The caller's own modules (``shipping.py``): on the ranks' ``sys.path``, each
         just after the folder it came from. False if they cannot be (the caller is
         told why: a full disk, say)."""
         try:
-            roots = shipping.unpack(body, self.folder.path / "modules")
+            roots = shipping.unpack(body, self.folder.modules)
         except Exception as exc:  # noqa: BLE001 - whatever it is, the host cannot run
             self.failure = (f"the caller's modules could not be written into "
                             f"{self.folder.path}: {type(exc).__name__}: {exc}")
-            self.wire.send("fail", reason=self.failure)
+            self.wire.send(Fail(self.failure))
             return False
         if roots:
-            sys_path = shipping.with_sent(self.hello["sys_path"], roots)
-            self.folder.entry.write_text(entry_script(self.folder, cwd=self.hello["cwd"],
-                                                      sys_path=sys_path))
+            self.spec = dataclasses.replace(self.spec, sys_path=tuple(
+                shipping.with_sent(list(self.spec.sys_path), roots)))
         return True
 
-    def start(self, message: dict) -> None:
-        hello = self.hello
-        port = message["port"] or _free_port()
-        if not message["port"]:
-            self.wire.send("port", port=port, address=self.address)
-        env = merge_env(dict(os.environ), hello["defaults"], hello["overrides"])
-        env["NBDIST_HOST"] = hello["host"]
+    def start(self, message: Start) -> None:
+        hello, spec = self.hello, self.spec
+        self.folder.write_spec(spec)
+        port = message.port or _free_port()
+        if not message.port:
+            self.wire.send(Port(address=self.address, port=port))
+        env = spec.environment(os.environ)
+        env["NBDIST_HOST"] = hello.host
         interface = _interface_of(self.address)
         if interface and env.get("GLOO_SOCKET_IFNAME") is None:
             # gloo's sockets on the interface the caller reached this host through,
             # not on whatever the host name resolves to (127.0.1.1 on many distributions)
             env["GLOO_SOCKET_IFNAME"] = interface
-        rendezvous = Rendezvous(nnodes=hello["nhosts"], host=message["address"] or self.address,
-                                port=port, id=hello["job"], is_host=self.index == 0,
+        rendezvous = Rendezvous(nnodes=hello.nhosts, host=message.address or self.address,
+                                port=port, id=hello.job, is_host=hello.index == 0,
                                 local_addr=self.address)
         print(f"relay {os.getpid()} on {socket.gethostname()}: torchrun for host "
-              f"{self.index + 1} of {hello['nhosts']}, rendezvous {rendezvous.host}:{port}"
+              f"{hello.index + 1} of {hello.nhosts}, rendezvous {rendezvous.host}:{port}"
               f"{' (its store is here)' if rendezvous.is_host else ''}, gloo on "
               f"{env.get('GLOO_SOCKET_IFNAME', 'the default interface')}", file=sys.stderr,
               flush=True)
-        self.launch = Launch(self.folder, hello["nprocs"], env, world_size=hello["world_size"],
-                             pool=hello["pool"], rendezvous=rendezvous, output=2)
+        self.launch = Launch(self.folder, spec, env=env, rendezvous=rendezvous, output=2)
+        self.launch.watch(self._knock)
 
     # --- messages from the caller ------------------------------------------------------
     def read_messages(self) -> None:
@@ -127,33 +124,36 @@ class Relay:
                 message = self.wire.receive()
                 if message is None:
                     break
-                header, body = message
                 self.last_heard = time.monotonic()
-                if header["op"] == "modules":  # before "start": the ranks find them
-                    if not self.add_modules(body):
+                if isinstance(message, Modules):  # before Start: the ranks find them
+                    if not self.add_modules(message.body):
                         break
-                elif not self.sink.apply(header, body) and header["op"] != "ping":
-                    self.inbox.put(header)
-        except (OSError, ValueError) as exc:
+                elif not self.sink.apply(message):
+                    self._queue(message)
+        except (OSError, ValueError) as exc:  # ProtocolError is a ValueError
             print(f"[nbdist relay] reading from the caller failed: {exc}", file=sys.stderr)
-        self.inbox.put(None)  # the link is gone
+        self._queue(None)  # the link is gone
 
-    def handle(self, message: dict) -> bool:
+    def _queue(self, message: Message | None) -> None:
+        self.inbox.put(message)
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._knocked, b"\0")
+
+    def handle(self, message: Message) -> bool:
         """Carry out one message; False when it says to end."""
-        op = message["op"]
-        if op == "start":
+        if isinstance(message, Start):
             self.start(message)
-        elif op == "post":
+        elif isinstance(message, PostTask):
             self.post(message)
-        elif op == "signal" and self.launch is not None:
-            self.launch.signal(signal.Signals(message["signal"]))
-        elif op == "kill":
+        elif isinstance(message, Signal) and self.launch is not None:
+            self.launch.signal(signal.Signals(message.signal))
+        elif isinstance(message, Kill):
             return False
-        return True
+        return True  # a ping, or a message of the caller's that needs no answer
 
-    def post(self, message: dict) -> None:
+    def post(self, message: PostTask) -> None:
         """A pool's next task (its payload arrived before this), or its stop."""
-        key = message["task"]
+        key = message.task
         with self._tasks_lock:
             task = self.tasks.get(key) if key else None
             done = [k for k in self.tasks if k != key]
@@ -167,7 +167,7 @@ class Relay:
             with self._tasks_lock:
                 shutil.rmtree(self.tasks.pop(old).path, ignore_errors=True)
         if self.launch is not None:
-            self.launch.post(task, message["return_all"], stop=message["stop"])
+            self.launch.post(task, message.return_all, stop=message.stop)
 
     def _folder_of(self, key: str) -> Path:
         if not key:
@@ -176,42 +176,42 @@ class Relay:
             raise KeyError(key)
         with self._tasks_lock:
             if key not in self.tasks:  # a pool's task: inside the pool's folder
-                task = JobDir(self.folder.path / "tasks" / key)
+                task = self.folder.task_folder(key)
                 task.path.mkdir(mode=0o700, parents=True, exist_ok=True)
                 self.tasks[key] = task
             return self.tasks[key].path
-
-    def _note_pids(self, rank: int, data: bytes) -> None:
-        """Learn the ranks' pids from their status events, as the caller does."""
-        data = self._partial_lines.pop(rank, b"") + data
-        *lines, rest = data.split(b"\n")
-        if rest:
-            self._partial_lines[rank] = rest
-        for line in lines:
-            if b'"pid"' in line and self.launch is not None:
-                with contextlib.suppress(ValueError, KeyError):
-                    self.launch.note_rank(rank, json.loads(line)["pid"])
 
     # --- the loop ----------------------------------------------------------------------
     def serve(self) -> int:
         """Until torchrun ends or the caller says (or its link) goes: the exit code."""
         wait = SCAN_FAST
         while True:
-            try:
-                message = self.inbox.get(timeout=wait)
-            except queue.Empty:
-                message = {}
-            if message is None or (message and not self.handle(message)):
-                return -1
+            self._sleep(wait)
+            busy = False
+            while not self.inbox.empty():
+                message = self.inbox.get_nowait()
+                if message is None or not self.handle(message):
+                    return -1
+                busy = True
             if time.monotonic() - self.last_heard > LINK_SILENCE:
                 print(f"relay: nothing from the caller for {LINK_SILENCE:.0f}s: taking it "
                       f"for gone", file=sys.stderr, flush=True)
                 return -1
-            busy = self.mirror.scan() or bool(message)
+            busy |= self.mirror.scan()
             if self.launch is not None and self.launch.poll() is not None:
                 self.mirror.scan()  # what the ranks wrote last
                 return self.launch.poll()
             wait = SCAN_FAST if busy else min(SCAN_IDLE, wait * 2)
+
+    def _sleep(self, seconds: float) -> None:
+        """Until a message comes, a rank rings, torchrun ends, or ``seconds`` pass."""
+        if self.launch is not None:
+            self.launch.wait(seconds)
+        else:
+            select.select([self._knock], [], [], seconds)
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._knock, 4096):
+                pass
 
     def close(self) -> None:
         if self.launch is not None:
@@ -225,7 +225,7 @@ def _remove_orphans(root: Path) -> None:
     """Folders of relays that died without cleaning up (SIGKILL, a reboot)."""
     for folder in root.iterdir():
         try:
-            pid = int((folder / RELAY_PID).read_text())
+            pid = int(JobDir(folder).relay_pid.read_text())
         except (OSError, ValueError):  # being made by a relay starting now, or broken
             with contextlib.suppress(OSError):
                 if time.time() - folder.stat().st_mtime > ORPHAN_AGE:
@@ -239,18 +239,22 @@ def _remove_orphans(root: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _mismatch(hello: dict) -> str | None:
+def _mismatch(hello: Hello) -> str | None:
     """Why this host cannot run the caller's job, if it cannot."""
     import nbdist
 
     here = tuple(sys.version_info[:2])
-    if tuple(hello["python"]) != here:
+    if hello.version != VERSION:
+        return (f"the caller speaks nbdist's protocol version {hello.version}, this "
+                f"host's nbdist {nbdist.__version__} version {VERSION}: install the same "
+                f"nbdist on every host")
+    if tuple(hello.python) != here:
         return (f"{sys.executable} is Python {here[0]}.{here[1]} here, the caller runs "
-                f"{hello['python'][0]}.{hello['python'][1]}: pickled functions need the "
+                f"{hello.python[0]}.{hello.python[1]}: pickled functions need the "
                 f"same Python version on every host")
-    if hello["nbdist"] != nbdist.__version__:
+    if hello.nbdist != nbdist.__version__:
         return (f"nbdist {nbdist.__version__} is installed here, the caller runs "
-                f"{hello['nbdist']}: install the same version on every host")
+                f"{hello.nbdist}: install the same version on every host")
     return None
 
 
@@ -316,13 +320,19 @@ def main() -> int:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     wire = Wire(sys.stdin.buffer, link)
-    first = wire.receive()
-    if first is None:
+    try:
+        hello = wire.receive()
+    except ProtocolError as exc:  # another nbdist's caller, or not nbdist at all
+        hello = exc
+    if hello is None:
         return 1
-    hello = json.loads(first[1])
+    if not isinstance(hello, Hello):
+        wire.send(Fail(f"the caller's first message must be the job (protocol version "
+                       f"{VERSION}); got {hello}: install the same nbdist on every host"))
+        return 1
     mismatch = _mismatch(hello)
     if mismatch:
-        wire.send("fail", reason=mismatch)
+        wire.send(Fail(mismatch))
         return 1
     relay = Relay(wire, hello)
     # SIGINT stays as it is, inherited by torchrun and the ranks as on one machine
@@ -339,7 +349,7 @@ def main() -> int:
           f"{wire.received} bytes from the caller", file=sys.stderr, flush=True)
     if relay.failure is None:  # else the caller has its "fail" and takes the host as lost
         with contextlib.suppress(OSError, ValueError):
-            wire.send("exit", code=code)
+            wire.send(Exit(code))
     return 0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
-import json
 import os
 import pickle
 import signal
@@ -34,7 +33,8 @@ from typing import Any, Callable
 from nbdist import frameworks, payload, runtime
 from nbdist.channel import ChannelWriter
 from nbdist.jobdir import JobDir, check_private, write_bytes_atomic
-from nbdist.states import EventKind, RankState
+from nbdist.protocol import ErrorRecord, Heartbeat, Post, Spec
+from nbdist.states import RankState
 
 HEARTBEAT = 5.0
 WATCH_INTERVAL = 0.5
@@ -46,11 +46,11 @@ def main(job_dir: str) -> None:
     spec = job.read_spec()
     rank = int(os.environ["RANK"])
     _dump_stacks_on_signal(job.stacks(rank))  # before the caller knows the pid to signal
-    channel = ChannelWriter(job.events(rank))
+    channel = ChannelWriter(job.events(rank), bell=job.bell)
     channel.status(RankState.STARTING, pid=os.getpid(), host=host())
     runtime._attach(channel)
-    _start_watchdog(channel, caller=spec["caller_pid"])
-    if spec.get("pool"):
+    _start_watchdog(channel, caller=spec.caller_pid)
+    if spec.pool:
         _serve_pool(job, spec, rank, channel)
     else:
         _serve_one(job, spec, rank, channel)
@@ -78,7 +78,7 @@ def _exit_after_atexit() -> None:
     os._exit(0)
 
 
-def _serve_one(job: JobDir, spec: dict, rank: int, channel: ChannelWriter) -> None:
+def _serve_one(job: JobDir, spec: Spec, rank: int, channel: ChannelWriter) -> None:
     """A cold job: load the payload, join, run it once. A failure ends the process."""
     def run() -> Any:
         fn, args, kwargs = _load_payload(job, rank)
@@ -88,17 +88,18 @@ def _serve_one(job: JobDir, spec: dict, rank: int, channel: ChannelWriter) -> No
         channel.status(RankState.RUNNING)
         return fn(*args, **kwargs)
 
-    error = _run_and_record(job, rank, channel, run, save=rank == 0 or spec["return_all"])
+    error = _run_and_record(job, rank, channel, run, save=rank == 0 or spec.return_all)
     if error is not None:
         _exit_now(channel, 1, error=type(error).__name__)
 
 
-def _serve_pool(pool: JobDir, spec: dict, rank: int, channel: ChannelWriter) -> None:
+def _serve_pool(pool: JobDir, spec: Spec, rank: int, channel: ChannelWriter) -> None:
     """A pool's rank: join once, then run every task the caller posts until it says stop.
 
     A task's files (payload, log, events, result, error) are in its own job folder; a
-    task that raises leaves the rank serving. The caller wakes the rank by writing to
-    its FIFO, so an idle rank sleeps in ``read`` and answers at once.
+    task that raises leaves the rank serving. The caller writes each task's
+    :class:`Post` into the rank's FIFO, so an idle rank sleeps in ``read`` and answers
+    at once.
     """
     try:
         channel.status(RankState.JOINING)
@@ -112,15 +113,15 @@ def _serve_pool(pool: JobDir, spec: dict, rank: int, channel: ChannelWriter) -> 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     wake = os.open(pool.wake(rank), os.O_RDWR)  # RDWR: open never blocks, read never EOFs
     served = 0
+    pending = b""
     while True:
-        os.read(wake, 4096)
-        task = json.loads(pool.task.read_text())
-        if task["seq"] <= served:
+        post, pending = Post.latest(pending + os.read(wake, 4096))
+        if post is None or post.seq <= served:
             continue
-        served = task["seq"]
-        if task.get("stop"):
+        served = post.seq
+        if post.stop:
             break
-        _run_task(JobDir(task["dir"]), rank, task["return_all"], channel)
+        _run_task(JobDir(post.task), pool, rank, post.return_all, channel)
     os.close(wake)
 
 
@@ -134,8 +135,9 @@ def _interruptible() -> Any:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _run_task(task: JobDir, rank: int, return_all: bool, pool_channel: ChannelWriter) -> None:
-    channel = ChannelWriter(task.events(rank))
+def _run_task(task: JobDir, pool: JobDir, rank: int, return_all: bool,
+              pool_channel: ChannelWriter) -> None:
+    channel = ChannelWriter(task.events(rank), bell=pool.bell)
     runtime._attach(channel)
     with _output_to(task.log(rank)):
         channel.status(RankState.RUNNING, pid=os.getpid(), host=host())
@@ -230,18 +232,18 @@ def _load_payload(job: JobDir, rank: int) -> tuple:
         raise
 
 
-def _join(spec: dict) -> None:
+def _join(spec: Spec) -> None:
     """Join the process group and make the user's and frameworks' code find it."""
     _init_process_group(spec)
     _accept_users_init()
     frameworks.on_rank(spec)
 
 
-def _init_process_group(spec: dict) -> None:
+def _init_process_group(spec: Spec) -> None:
     import torch
     import torch.distributed as dist
 
-    if spec["device"] == "cuda":
+    if spec.device == "cuda":
         torch.cuda.set_device(runtime.local_rank())
     # torch >= 2.1 has no barrier after init: a rank returns as soon as its own gloo
     # sockets are connected, and if it then exits or destroys its group (a function that
@@ -252,7 +254,7 @@ def _init_process_group(spec: dict) -> None:
     previous = os.environ.get("TORCH_DIST_INIT_BARRIER")
     os.environ["TORCH_DIST_INIT_BARRIER"] = "1"
     try:
-        dist.init_process_group(spec["backend"])
+        dist.init_process_group(spec.backend)
     finally:
         if previous is None:
             del os.environ["TORCH_DIST_INIT_BARRIER"]
@@ -330,24 +332,18 @@ def _record_error(job: JobDir, rank: int, exc: BaseException) -> None:
         pickle.loads(exc_bytes)
     except Exception:
         exc_bytes = None
-    record = {
-        "rank": rank,
-        "host": host(),
-        "pid": os.getpid(),
-        "time": time.time(),
-        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-        "message": str(exc),
-        "traceback": tb,
-        "exception": exc_bytes,
+    record = ErrorRecord(
+        rank=rank, host=host(), pid=os.getpid(), time=time.time(),
+        type=f"{type(exc).__module__}.{type(exc).__qualname__}", message=str(exc),
+        traceback=tb, exception=exc_bytes,
         # an error of the communication layer is usually a consequence of a peer's
         # failure, not the root cause
-        "collective": isinstance(exc, getattr(dist, "DistError", ())),
-    }
-    write_bytes_atomic(job.error(rank), pickle.dumps(record))
+        collective=isinstance(exc, getattr(dist, "DistError", ())))
+    write_bytes_atomic(job.error(rank), record.encode())
 
 
-def _exit_now(channel: ChannelWriter, code: int, **data: Any) -> None:
-    channel.status(RankState.FAILED, exitcode=code, **data)
+def _exit_now(channel: ChannelWriter, code: int, error: str | None = None) -> None:
+    channel.status(RankState.FAILED, exitcode=code, error=error)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -384,7 +380,7 @@ def _start_watchdog(channel: ChannelWriter, caller: int | None) -> None:
         while os.getppid() == agent and (caller is None or _pid_alive(caller)):
             time.sleep(WATCH_INTERVAL)
             if time.monotonic() - last_beat >= HEARTBEAT:
-                channel.emit(EventKind.HEARTBEAT)
+                channel.emit(Heartbeat())
                 last_beat = time.monotonic()
         os.killpg(0, signal.SIGKILL)  # this rank and any dataloader workers it forked
 

@@ -1,8 +1,11 @@
-"""Worker → caller transport: events (status, progress, metrics, heartbeats) and logs.
+"""Rank → caller transport: events (``protocol.py``) and logs, through the job folder.
 
-Transport is a private file per rank in the job directory (``events-rank-N.jsonl``),
-one JSON object per line, appended with a single ``write`` so a line is never torn.
-No socket is opened, so nothing listens on the network; the caller polls the files.
+Each rank appends its events to a private file (``events-rank-N.jsonl``), one line
+per event written with a single ``write`` so a line is never torn, then rings the
+job's *bell*: a FIFO the caller waits on, so an event wakes it at once instead of at
+its next look. No socket is opened, so nothing listens on the network; a bell that
+is full (the caller has rings it did not read yet) or absent (a host's copy before
+its relay opened it) costs the rank nothing.
 
 Status changes and final values are written unthrottled (never lost); progress from
 :func:`nbdist.track` is throttled by the writer (see ``runtime.py``).
@@ -12,56 +15,43 @@ Status changes and final values are written unthrottled (never lost); progress f
 from __future__ import annotations
 
 import codecs
+import contextlib
 import heapq
-import json
 import os
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from nbdist.states import EventKind, RankState
-
-
-
-@dataclass
-class Event:
-    rank: int
-    kind: EventKind
-    time: float
-    data: dict[str, Any] = field(default_factory=dict)
+from nbdist.protocol import Event, EventBody, Status, decode_event, encode_event
+from nbdist.states import RankState
 
 
 class ChannelWriter:
-    """The worker's end: append events to its rank's file."""
+    """The rank's end: append events to its rank's file, then ring the bell."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, bell: Path | None = None):
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._bell = -1
+        if bell is not None:
+            with contextlib.suppress(OSError):  # no bell: the caller looks on its own
+                self._bell = os.open(bell, os.O_WRONLY | os.O_NONBLOCK)
 
-    def emit(self, kind: str, **data: Any) -> None:
-        line = json.dumps({"kind": kind, "time": time.time(), **data},
-                          default=_jsonable) + "\n"
-        os.write(self._fd, line.encode())
+    def emit(self, body: EventBody) -> None:
+        os.write(self._fd, encode_event(body))
+        if self._bell >= 0:
+            with contextlib.suppress(BlockingIOError, BrokenPipeError):
+                os.write(self._bell, b"\0")
 
-    def status(self, state: RankState, **data: Any) -> None:
-        self.emit(EventKind.STATUS, state=state, **data)
+    def status(self, state: RankState, **fields) -> None:
+        self.emit(Status(state, **fields))
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-def _jsonable(value: Any) -> Any:
-    # report(loss=tensor(0.3)) should just work: tensors and numpy scalars have .item()
-    item = getattr(value, "item", None)
-    if callable(item):
-        return item()
-    return str(value)
+        for fd in (self._fd, self._bell):
+            if fd >= 0:
+                os.close(fd)
+        self._fd = self._bell = -1
 
 
 class ChannelReader:
-    """The caller's end: return the new complete events of every rank since last poll."""
+    """The caller's end: the new complete events of every rank since the last poll."""
 
     def __init__(self, paths: dict[int, Path]):
         self._paths = paths
@@ -78,18 +68,9 @@ class ChannelReader:
                 continue
             end = data.rfind(b"\n") + 1  # keep a partly written line for next time
             self._offsets[rank] += end
-            events: list[Event] = []
+            events = [e for e in (decode_event(rank, line)
+                                  for line in data[:end].splitlines()) if e is not None]
             per_rank.append(events)
-            for line in data[:end].splitlines():
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    continue
-                try:
-                    kind = EventKind(obj.pop("kind"))
-                except (KeyError, ValueError):
-                    continue  # not an event of this version
-                events.append(Event(rank, kind, obj.pop("time"), obj))
         # interleave ranks by time, but never reorder one rank's events: its clock may
         # step backwards (NTP), its file order may not
         return list(heapq.merge(*per_rank, key=lambda e: e.time))

@@ -37,7 +37,10 @@ import importlib.util
 import os
 import sys
 from types import ModuleType
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from nbdist.protocol import Spec
 
 
 def launch_env(device: str) -> dict[str, str]:
@@ -47,13 +50,13 @@ def launch_env(device: str) -> dict[str, str]:
     return {"ACCELERATE_USE_CPU": "true", "PL_TRAINER_ACCELERATOR": "cpu"}
 
 
-def on_rank(spec: dict) -> None:
+def on_rank(spec: "Spec") -> None:
     """Rank-side preparation for frameworks, after ``init_process_group``."""
-    if spec["device"] != "cpu":
+    if spec.device != "cpu":
         return
     # one Lightning device per rank on this host, as torchrun started them
     os.environ.setdefault("PL_TRAINER_DEVICES",
-                          os.environ.get("LOCAL_WORLD_SIZE", str(spec["nprocs"])))
+                          os.environ.get("LOCAL_WORLD_SIZE", str(spec.ranks_per_host)))
     _after_import("accelerate.state", _partial_state_reads_use_cpu)
     _after_import("fastai.distributed", _fastai_broadcast_on_cpu)
 

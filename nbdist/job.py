@@ -25,18 +25,21 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from nbdist import payload
 from nbdist.errors import (LaunchError, PicklingError, RemoteError, RemoteTraceback,
                            WorkerCrashedError)
 from nbdist.jobdir import JobDir, base_dir, check_private, tail, write_json_atomic
+from nbdist.protocol import ErrorRecord, RankExit, decode_exits
 from nbdist.states import FINAL, JobState, RankState
 
 LOG_TAIL_LINES = 20
 ENV_KEEP = "NBDIST_KEEP_JOBS"
 DEFAULT_KEEP = 50
 STALE_UNFINISHED = 7 * 24 * 3600  # a folder without job.json this old is a dead caller's
+PRUNE_EVERY = 5.0  # seconds between the prunes of one process's pool tasks
+_pruned_at = float("-inf")  # when this process last pruned (prune_now_and_then)
 
 
 @dataclass
@@ -47,6 +50,7 @@ class RankStatus:
     host: str | None = None
     exitcode: int | None = None
     log: str = ""  # path of the rank's log file
+    error: str | None = None  # the type name of the exception it reported, if any
 
     @property
     def signal_name(self) -> str | None:
@@ -59,7 +63,7 @@ class Job:
 
     id: str
     dir: str
-    nprocs: int
+    world_size: int  # ranks in all (hosts x ranks per host)
     backend: str
     return_all: bool = False
     status: JobState = JobState.RUNNING
@@ -75,7 +79,7 @@ class Job:
 
     def take_result(self) -> Any:
         """The value the caller returns: rank 0's, or every rank's with ``return_all``."""
-        ranks = list(range(self.nprocs)) if self.return_all else [0]
+        ranks = list(range(self.world_size)) if self.return_all else [0]
         values = read_results(JobDir(self.dir), ranks)
         self.status = JobState.SUCCEEDED
         self.result_loaded = True
@@ -88,10 +92,14 @@ class Job:
         self.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
 
     def mark_stopped(self) -> None:
-        """Once its processes are gone: a rank that had not finished was killed."""
+        """Once its processes are gone: a rank that had not finished was killed; after
+        an interrupt, one that stopped with the ``KeyboardInterrupt`` was stopped."""
         for rank in self.ranks:
             if rank.state not in (RankState.PENDING, *FINAL):
                 rank.state = RankState.KILLED
+            elif (self.status == JobState.INTERRUPTED and rank.state == RankState.FAILED
+                    and rank.error == "KeyboardInterrupt"):
+                rank.state = RankState.STOPPED
 
     @property
     def duration(self) -> float:
@@ -103,35 +111,102 @@ class Job:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def save(self) -> None:
-        write_json_atomic(JobDir(self.dir).record, asdict(self))
+        # not fsynced: a record, not a result (whose loss a crash of the machine costs
+        # as much); an fsync was most of a warm task's time
+        write_json_atomic(JobDir(self.dir).record, asdict(self), durable=False)
 
     @classmethod
     def load(cls, job_dir: str | os.PathLike) -> "Job":
         data = json.loads(JobDir(job_dir).record.read_text())
+        if "nprocs" in data:  # a record of nbdist before 0.2
+            data["world_size"] = data.pop("nprocs")
         data["status"] = JobState(data["status"])
         data["ranks"] = [RankStatus(**{**r, "state": RankState(r["state"])})
                          for r in data["ranks"]]
         return cls(**data)
 
+    def ranks_text(self) -> str:
+        """``2 done``, ``1 done, 1 failed``: how the ranks ended, counted."""
+        counts: dict[str, int] = {}
+        for rank in self.ranks:
+            counts[rank.state] = counts.get(rank.state, 0) + 1
+        return ", ".join(f"{n} {state}" for state, n in counts.items())
+
     def __repr__(self) -> str:
-        states = ", ".join(f"{r.rank}:{r.state}" for r in self.ranks)
-        return (f"<Job {self.id} {self.status} nprocs={self.nprocs} "
-                f"{self.duration:.1f}s ranks=[{states}] dir={self.dir}>")
+        what = f"task of pool {self.pool}" if self.pool else "job"
+        error = f": {self.error}" if self.error else ""
+        return (f"<{what} {self.id} {self.status}{error} in {format_seconds(self.duration)}; "
+                f"{self.world_size} ranks ({self.ranks_text()}); {self.dir}>")
 
 
-def jobs() -> list[Job]:
-    """Past jobs with a saved record, newest first (job ids sort by creation time).
+def jobs() -> "JobList":
+    """Past jobs with a saved record, newest first (job ids sort by creation time),
+    shown as a table.
 
     Example: ``nbdist.jobs()[0]`` is the latest finished job, also after a restart.
     """
-    found = []
+    return JobList(_saved())
+
+
+def newest_job() -> Job | None:
+    """The newest job with a saved record, if any (a restarted kernel's last job)."""
+    return next(_saved(), None)
+
+
+def _saved() -> Iterator[Job]:
     for path in sorted(base_dir().iterdir(), reverse=True):
         if JobDir(path).record.exists():
             try:
-                found.append(Job.load(path))
+                yield Job.load(path)
             except (ValueError, TypeError, KeyError):
                 continue  # a record from an incompatible version
-    return found
+
+
+class JobList(list):
+    """A list of :class:`Job` records that reads as a table, one job a line."""
+
+    COLUMNS = ("job", "what", "status", "ranks", "took", "error")
+
+    def rows(self) -> list[tuple[str, ...]]:
+        return [(job.id, f"task of pool {job.pool}" if job.pool else "job", job.status,
+                 job.ranks_text(), format_seconds(job.duration), job.error or "")
+                for job in self]
+
+    def __repr__(self) -> str:
+        if not self:
+            return "no jobs yet (nbdist.jobs() lists the jobs kept on disk)"
+        rows = [self.COLUMNS, *self.rows()]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(self.COLUMNS))]
+        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+                         for row in rows)
+
+    def _repr_html_(self) -> str:
+        import html
+
+        head = "".join(f"<th>{c}</th>" for c in self.COLUMNS)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                       for row in self.rows())
+        return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def format_seconds(seconds: float) -> str:
+    """``12 ms``, ``4.2 s``, ``3:05``: a duration read at a glance."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def prune_now_and_then() -> None:
+    """:func:`prune_jobs`, at most every ``PRUNE_EVERY`` seconds: a warm pool's tasks
+    come milliseconds apart, each with a folder, and a prune costs a few of them."""
+    global _pruned_at
+    if time.monotonic() - _pruned_at >= PRUNE_EVERY:
+        _pruned_at = time.monotonic()
+        prune_jobs()
 
 
 def prune_jobs(keep: int | None = None) -> list[str]:
@@ -178,7 +253,7 @@ def load_result(job_dir: str | os.PathLike, *, rank: int | None = None):
     if rank is not None:
         ranks = [rank]
     else:
-        ranks = list(range(record.nprocs)) if record and record.return_all else [0]
+        ranks = list(range(record.world_size)) if record and record.return_all else [0]
     values = read_results(job_dir, ranks, status=record.status if record else None)
     if record is not None and not record.result_loaded:
         record.result_loaded = True
@@ -225,18 +300,17 @@ def _signal_name(exitcode: int | None) -> str | None:
         return f"signal {-exitcode}"
 
 
-def read_failures(job_dir: JobDir) -> dict[int, dict]:
+def read_failures(job_dir: JobDir) -> dict[int, RankExit]:
     """Per-rank exit codes recorded by torchrun's agent (see ``_agent.py``)."""
     try:
-        raw = json.loads(job_dir.failures.read_text())
+        return decode_exits(job_dir.failures.read_bytes())
     except FileNotFoundError:
         return {}
-    return {int(rank): f for rank, f in raw.items()}
 
 
-def read_error(job_dir: JobDir, rank: int) -> dict | None:
+def read_error(job_dir: JobDir, rank: int) -> ErrorRecord | None:
     try:
-        return pickle.loads(job_dir.error(rank).read_bytes())
+        return ErrorRecord.decode(job_dir.error(rank).read_bytes())
     except FileNotFoundError:
         return None
 
@@ -252,20 +326,20 @@ def diagnose(job: Job, launcher_exitcode: int | None,
     failures = read_failures(job_dir)
     for rank, failure in failures.items():
         if rank < len(job.ranks):
-            job.ranks[rank].exitcode = failure["exitcode"]
+            job.ranks[rank].exitcode = failure.exitcode
     # (priority, time, rank, error record or None)
-    suspects: list[tuple[int, float, int, dict | None]] = []
+    suspects: list[tuple[int, float, int, ErrorRecord | None]] = []
     for status in job.ranks:
         record = read_error(job_dir, status.rank)
         if record is not None:
-            suspects.append((2 if is_communication_error(record) else 0, record["time"],
+            suspects.append((2 if is_communication_error(record) else 0, record.time,
                              status.rank, record))
         elif status.rank in failures:
             failure = failures[status.rank]
-            torn_down = failure["exitcode"] == -signal.SIGTERM
+            torn_down = failure.exitcode == -signal.SIGTERM
             status.state = RankState.KILLED if torn_down else RankState.CRASHED
             # the agent's timestamp is whole seconds; assume mid-second
-            suspects.append((3 if torn_down else 1, failure["timestamp"] + 0.5,
+            suspects.append((3 if torn_down else 1, failure.timestamp + 0.5,
                              status.rank, None))
     if lost and not any(priority == 0 for priority, *_ in suspects):
         return _lost_host_error(job, lost)
@@ -282,7 +356,7 @@ def diagnose(job: Job, launcher_exitcode: int | None,
         exc = _crash_error(job, rank)
     if others:
         exc.add_note("[nbdist] also failed after it: " + "; ".join(
-            f"rank {r} ({rec['type'].rsplit('.', 1)[-1] if rec else describe_exit(job.ranks[r].exitcode)})"
+            f"rank {r} ({rec.type_name if rec else describe_exit(job.ranks[r].exitcode)})"
             for _, _, r, rec in others))
     return exc
 
@@ -301,32 +375,32 @@ _COMMUNICATION_TYPES = ("builtins.RuntimeError", "builtins.OSError",
                         "builtins.BrokenPipeError", "builtins.TimeoutError", "torch.")
 
 
-def is_communication_error(record: dict) -> bool:
+def is_communication_error(record: ErrorRecord) -> bool:
     """True for an error of the communication layer (a peer's death seen from here):
     a DistError, or what torch raises as RuntimeError & co. with gloo's/NCCL's words."""
-    return record["collective"] or (record["type"].startswith(_COMMUNICATION_TYPES)
-                                    and bool(_COMMUNICATION.search(record["message"])))
+    return record.collective or (record.type.startswith(_COMMUNICATION_TYPES)
+                                 and bool(_COMMUNICATION.search(record.message)))
 
 
-def rebuild_exception(record: dict, job: Job) -> BaseException:
+def rebuild_exception(record: ErrorRecord, job: Job) -> BaseException:
     """The worker's exception, as its own type, with the remote traceback as cause."""
-    rank = record["rank"]
-    where = f"rank {rank} of {job.nprocs} (host {record['host']}, pid {record['pid']})"
-    exc: BaseException
+    rank = record.rank
+    where = f"rank {rank} of {job.world_size} (host {record.host}, pid {record.pid})"
+    exc: BaseException | None
     try:
-        exc = pickle.loads(record["exception"]) if record["exception"] else None
+        exc = pickle.loads(record.exception) if record.exception else None
     except Exception:
         exc = None
     if exc is None:
-        exc = RemoteError(record["type"], record["message"], rank=rank,
-                          traceback=record["traceback"])
+        exc = RemoteError(record.type, record.message, rank=rank,
+                          traceback=record.traceback)
     exc.__cause__ = RemoteTraceback(
-        f"\n\nTraceback on {where}:\n\"\"\"\n{record['traceback']}\"\"\"")
-    mismatch = _mismatched_collectives(record["message"])
+        f"\n\nTraceback on {where}:\n\"\"\"\n{record.traceback}\"\"\"")
+    mismatch = _mismatched_collectives(record.message)
     if mismatch:
         exc.add_note(mismatch)
     exc.nbdist_rank = rank  # type: ignore[attr-defined]
-    exc.nbdist_traceback = record["traceback"]  # type: ignore[attr-defined]
+    exc.nbdist_traceback = record.traceback  # type: ignore[attr-defined]
     exc.add_note(f"[nbdist] raised on {where}; logs in {job.dir}")
     return exc
 

@@ -3,27 +3,29 @@
 ::
 
     $NBDIST_HOME/jobs/<job-id>/        (0700, owned by the user)
-        spec.json          what the workers need to know (written by the caller)
-        payload.pt         fn, args, kwargs (cloudpickle inside torch.save)
-        entry.py           the script torchrun starts on every rank
+        spec.json          what the ranks start from (protocol.Spec, by the caller)
+        payload.pt         fn, args, kwargs (cloudpickle; inside torch.save with tensors)
+        entry.py           the script torchrun starts on every rank (entry_script)
         launcher.log       torchrun's own output
         rank-N.log         everything rank N printed (stdout and stderr, in order)
         events-rank-N.jsonl  status / progress / metrics of rank N   (channel.py)
+        bell               a FIFO the ranks ring after each event: the caller waits on it
         result-rank-N.pt   index of rank N's result (rank 0 only unless return_all)
         result-rank-N.NAME.pt  one value of it: the return value, or a cell's name
-        error-rank-N.pkl   rank N's exception record
-        failures.json      per-rank exit codes as torchrun's agent saw them
+        error-rank-N.pkl   rank N's exception record (protocol.ErrorRecord)
+        failures.json      per-rank exit codes as torchrun's agent saw them (RankExit)
         stacks-rank-N.txt  rank N's Python stacks, dumped on SIGUSR1 (rankstacks.py)
         job.json           the final :class:`Job` record
-        task.json, wake-rank-N   a pool's: the task posted last, and the FIFO that
-                           wakes rank N for it (each task has a job folder of its own)
+        wake-rank-N        a pool's: the FIFO that brings rank N its tasks
+                           (protocol.Post; each task has a job folder of its own)
 
 On a host that runs ranks for a caller elsewhere (``hosts=``, ``slurm=``), the host's
 relay keeps its own copy while the job runs, and removes it after::
 
-    $NBDIST_HOME/hosts/<job-id>@<host index>/   spec, entry, payload, what its ranks
-        tasks/<task-id>/                         write (mirrored back to the caller's
-                                                 folder); a pool's tasks inside
+    $NBDIST_HOME/hosts/<machine>/<job-id>@<host index>/   spec, entry, payload, what
+        relay.pid                                its ranks write (mirrored back to the
+        modules/<sys.path index>/                caller's folder); the caller's modules
+        tasks/<task-id>/                         (shipping.py); a pool's tasks
 
 Every file another process reads is written atomically (temp file, fsync, rename),
 so a reader sees either nothing or the whole file, never half of it.
@@ -41,6 +43,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from nbdist.protocol import Spec
+
 ENV_HOME = "NBDIST_HOME"
 JOB_ID = re.compile(r"\d{8}-\d{6}-\d{3}-[0-9a-f]+")  # JobDir.create's ids
 
@@ -50,6 +54,9 @@ JOB_ID = re.compile(r"\d{8}-\d{6}-\d{3}-[0-9a-f]+")  # JobDir.create's ids
 GROWING = re.compile(r"rank-\d+\.log|stacks-rank-\d+\.txt")
 EVENTS = re.compile(r"events-rank-(\d+)\.jsonl")
 RECORDS = re.compile(r"result-rank-\d+(\.[\w.-]+)?\.pt|error-rank-\d+\.pkl|failures\.json")
+FAILURES = "failures.json"  # every host's agent writes its own ranks': merged (relay.Sink)
+PAYLOAD = "payload.pt"  # the one file the caller sends its hosts
+LOG = "rank-{}.log"  # by rank: the entry script opens it before Python imports anything
 
 
 def base_dir() -> Path:
@@ -157,7 +164,7 @@ class JobDir:
 
     @property
     def payload(self) -> Path:
-        return self.path / "payload.pt"
+        return self.path / PAYLOAD
 
     @property
     def entry(self) -> Path:
@@ -169,21 +176,21 @@ class JobDir:
 
     @property
     def failures(self) -> Path:
-        return self.path / "failures.json"
+        return self.path / FAILURES
 
     @property
     def record(self) -> Path:
         return self.path / "job.json"
 
     @property
-    def task(self) -> Path:
-        return self.path / "task.json"
+    def bell(self) -> Path:
+        return self.path / "bell"
 
     def wake(self, rank: int) -> Path:
         return self.path / f"wake-rank-{rank}"
 
     def log(self, rank: int) -> Path:
-        return self.path / f"rank-{rank}.log"
+        return self.path / LOG.format(rank)
 
     def stacks(self, rank: int) -> Path:
         return self.path / f"stacks-rank-{rank}.txt"
@@ -200,11 +207,59 @@ class JobDir:
     def error(self, rank: int) -> Path:
         return self.path / f"error-rank-{rank}.pkl"
 
-    def read_spec(self) -> dict:
-        return json.loads(self.spec.read_text())
+    def write_spec(self, spec: Spec) -> None:
+        """What the ranks start from, and the entry script that applies it."""
+        write_bytes_atomic(self.spec, spec.encode(), durable=False)
+        self.entry.write_text(entry_script(self, spec))
+
+    def read_spec(self) -> Spec:
+        return Spec.decode(self.spec.read_bytes())
+
+    # a relay's copy of a job on its host (``_remote.py``)
+    @property
+    def relay_pid(self) -> Path:
+        """Its relay's pid: a folder whose relay is gone is an orphan."""
+        return self.path / "relay.pid"
+
+    @property
+    def modules(self) -> Path:
+        """The caller's own modules, one folder per ``sys.path`` entry they came from."""
+        return self.path / "modules"
+
+    def task_folder(self, task_id: str) -> "JobDir":
+        """A pool's task, inside the pool's folder."""
+        return JobDir(self.path / "tasks" / task_id)
 
     def __repr__(self) -> str:
         return f"JobDir({str(self.path)!r})"
+
+
+def entry_script(job: JobDir, spec: Spec) -> str:
+    """The script torchrun runs on every rank: redirect output, then enter the worker."""
+    log_pattern = str(job.path / LOG)
+    return f'''\
+# Generated by nbdist for job {job.id}: torchrun runs this file on every rank.
+import os, sys
+
+# Everything the rank prints, from here on and from C code too, goes to its log file:
+# a file never fills up and blocks the rank like a pipe would.
+_log = os.open({log_pattern!r}.format(os.environ["RANK"]),
+               os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+os.dup2(_log, 1)
+os.dup2(_log, 2)
+os.close(_log)
+# Work like the caller: same working directory, its sys.path first.
+try:
+    os.chdir({spec.cwd!r})
+except OSError as exc:  # another host without the caller's folder
+    print(f"[nbdist] cannot enter the caller's working directory here ({{exc}}); "
+          f"running in {{os.getcwd()}}", file=sys.stderr, flush=True)
+sys.path[:0] = [p for p in {list(spec.sys_path)!r} if p not in sys.path]
+
+from nbdist._worker import main
+
+main({str(job.path)!r})
+'''
 
 
 def size_of(path: Path) -> int:

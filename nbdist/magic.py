@@ -36,6 +36,7 @@ import dataclasses
 import keyword
 import re
 import sys
+import time
 import types
 from typing import Any, Iterable
 
@@ -46,15 +47,13 @@ from nbdist.plan import plan_launch
 from nbdist.pool import Pool, check_options
 from nbdist.rankstacks import stacks
 from nbdist.scope import names_assigned, names_read
+from nbdist.session import SESSION
 from nbdist.states import JobState
 
 MAGIC_NAMES = ("distributed", "nbdist")  # "distributed" alone clashes with other packages
 
 # _, __, ___, _i, _ii, _iii, _iN, _N, _ih, _oh, _dh: IPython's output/input history
 _IPYTHON_MANAGED = re.compile(r"_{1,3}|_i{1,3}|_i?\d+|_[iod]h")
-
-
-_pool: Pool | None = None  # this kernel's warm pool (%distributed start)
 
 
 def load_ipython_extension(ipython) -> None:
@@ -88,7 +87,7 @@ def _make_pool_magic():
         holds, ``restart`` starts it anew (rank state is lost), ``stop`` ends it,
         ``stacks`` shows where each rank is (its Python stack).
         """
-        global _pool
+        pool = SESSION.kernel_pool
         usage = "usage: " + distributed.parser.format_usage().removeprefix("::\n\n  ")
         try:
             args = parse_argstring(distributed, line)
@@ -99,36 +98,53 @@ def _make_pool_magic():
                      **_where(args)}
         except ValueError as exc:
             raise UsageError(f"{usage}%distributed: {exc}") from None
-        if args.action == "start" and _pool is not None:
-            raise UsageError(f"%distributed start: a pool is already up ({_pool!r}); "
+        if args.action == "start" and pool is not None:
+            raise UsageError(f"%distributed start: a pool is already up ({pool!r}); "
                              f"use %distributed restart or stop")
         if args.action in ("start", "restart"):
             shape["debug"] = args.debug
-            options = ({**_pool.options, "persist": _pool.persist}
-                       if args.action == "restart" and _pool is not None
+            options = ({**pool.options, "persist": pool.persist}
+                       if args.action == "restart" and pool is not None
                        and not any(shape.values()) and not args.persist
                        else {**shape, "persist": args.persist})
-            if _pool is not None:
-                _pool.close()
-                _pool = None
-            try:
-                _pool = Pool(**options)
-            except InvalidArgumentError as exc:
-                raise UsageError(f"{usage}%distributed: {_as_options(str(exc))}") from None
-            hosts = (f" on {_pool.plan.nhosts} hosts" if _pool.plan.nhosts > 1 else "")
-            print(f"[nbdist] pool started: {_pool.nprocs} ranks{hosts}, {_pool.plan.backend}"
-                  f"{', persist' if _pool.persist else ''}; %%distributed cells run on it")
+            if pool is not None:
+                pool.close()
+            _start_pool(options, usage)
         elif args.action == "stop":
-            if _pool is not None:
-                _pool.close()
-                _pool = None
-            print("[nbdist] no pool: %%distributed cells run as cold jobs")
+            if pool is None:
+                print("[nbdist] no pool to stop: %%distributed cells run as cold jobs")
+            else:
+                pool.close()
+                print(f"[nbdist] pool stopped after {pool.tasks} task(s): its ranks are "
+                      f"gone; %%distributed cells run as cold jobs again")
         elif args.action == "stacks":
             print(stacks())
         else:
-            print(_describe(_pool))
+            print(_describe(pool))
 
     return distributed
+
+
+def _start_pool(options: dict[str, Any], usage: str) -> None:
+    """A pool for this kernel's cells, its ranks joined before the cell returns."""
+    from IPython.core.error import UsageError
+
+    began = time.monotonic()
+    try:
+        pool = Pool(**options)
+    except InvalidArgumentError as exc:
+        raise UsageError(f"{usage}%distributed: {_as_options(str(exc))}") from None
+    try:
+        pool.ready()
+    except BaseException:  # it could not start, or stop was pressed: nothing is left
+        pool.close()
+        raise
+    SESSION.kernel_pool = pool
+    hosts = f" on {pool.plan.nhosts} hosts" if pool.plan.nhosts > 1 else ""
+    pids = ", ".join(str(r["pid"]) for r in pool.status()["ranks"])
+    print(f"[nbdist] pool ready in {time.monotonic() - began:.1f} s: {pool.world_size} ranks"
+          f"{hosts} (pids {pids}), {pool.plan.backend}{', persist' if pool.persist else ''};"
+          f" %%distributed cells run on it")
 
 
 def _describe(pool: Pool | None) -> str:
@@ -139,7 +155,7 @@ def _describe(pool: Pool | None) -> str:
                       + (f" on {r['host']})" if pool.plan.remote and r["host"] else ")")
                       for r in status["ranks"])
     devices = status["device"] + (f" {status['visible_devices']}" if status["visible_devices"] else "")
-    return (f"[nbdist] pool {'up' if status['alive'] else 'down'}: {status['nprocs']} ranks "
+    return (f"[nbdist] pool {'up' if status['alive'] else 'down'}: {status['world_size']} ranks "
             f"on {devices}, {status['backend']}, {status['tasks']} tasks run, idle "
             f"{status['idle_seconds']:g}s{', persist' if status['persist'] else ''}\n"
             f"  {ranks}")
@@ -205,7 +221,7 @@ def _make_magic(shell):
 def _run_magic(shell, args, line: str, body: str, *, usage: str) -> None:
     """The magic's work, once its options are parsed (``args``)."""
     options = _job_options(args, usage)
-    pool = _pool if not args.fresh else None
+    pool = SESSION.kernel_pool if not args.fresh else None
     if pool is not None:
         _check_pool_options(pool, options, usage)
     outputs = _parse_out(args.out, usage) if args.out is not None else None

@@ -1,10 +1,14 @@
 """Pickling what travels between the caller and the workers.
 
 Everything (the function and its arguments on the way in, results on the way out)
-is cloudpickled *inside* ``torch.save``'s zip format: functions and classes defined in
-a notebook travel by value, while tensors are stored once as raw storages that
-``torch.load(mmap=True)`` maps instead of copying. Every rank therefore shares the
-page cache of one payload file, and a large result costs the caller little memory.
+is cloudpickled: functions and classes defined in a notebook travel by value. What
+holds tensors goes *inside* ``torch.save``'s zip format, where they are stored once as
+raw storages that ``torch.load(mmap=True)`` maps instead of copying: every rank shares
+the page cache of one payload file, and a large result costs the caller little memory.
+What holds none (a warm pool's ``noop``, a cell's numbers) is a plain pickle file, a
+hundredth of the cost; :func:`load` tells the two apart by their first bytes. A small
+result value travels inside its index file (``Outputs.inline``), not in a file of its
+own.
 
 nbdist's :class:`Pickler` adds two things to cloudpickle's:
 
@@ -32,6 +36,8 @@ import io
 import linecache
 import marshal
 import os
+import pickle
+import sys
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -41,15 +47,22 @@ from typing import Any, Callable, Iterable, Iterator
 import cloudpickle
 
 from nbdist.errors import PicklingError
-from nbdist.jobdir import atomic_path, check_private
+from nbdist.jobdir import atomic_path, check_private, write_bytes_atomic
 
 LARGE_PAYLOAD_BYTES = 1 << 30
+INLINE_BYTES = 1 << 20  # a result value up to this size travels inside its index
+_ZIP = b"PK"  # how torch.save's files begin; a pickle begins with b"\x80"
+
+
+class _HoldsTensors(Exception):
+    """Raised by a plain pickling attempt that met a tensor: torch.save it instead."""
 
 
 class Pickler(cloudpickle.Pickler):
     """cloudpickle's Pickler, with code objects kept whole and DDP unwrapped in results."""
 
     unwrap_ddp = False  # results only: on the way in, a DDP object stays what it is
+    plain = False  # set by _plain_pickle: a tensor aborts the attempt
 
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) is types.CodeType:
@@ -57,7 +70,27 @@ class Pickler(cloudpickle.Pickler):
                                 _unfiled_source(obj.co_filename))
         if self.unwrap_ddp and _is_ddp(obj):
             return _same, (obj.module,)
+        if self.plain and _holds_storage(obj):
+            raise _HoldsTensors
         return super().reducer_override(obj)
+
+
+def _holds_storage(obj: Any) -> bool:
+    torch = sys.modules.get("torch")  # no torch imported: no tensor anywhere
+    return torch is not None and isinstance(
+        obj, (torch.Tensor, torch.UntypedStorage, torch.TypedStorage))
+
+
+def _plain_pickle(obj: Any, pickler: type[Pickler]) -> bytes | None:
+    """``obj`` pickled without torch, or None if it holds a tensor."""
+    buffer = io.BytesIO()
+    writer = pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    writer.plain = True
+    try:
+        writer.dump(obj)
+    except _HoldsTensors:
+        return None
+    return buffer.getvalue()
 
 
 class ResultPickler(Pickler):
@@ -116,6 +149,11 @@ def dump(obj: Any, path: Path, *, on_pickled: Callable[[], None] | None = None,
     pickling error, but before the tensors' bytes are written: ``torch.save`` pickles
     into memory with ``pickle_module.Pickler`` first and writes the storages after.
     """
+    data = _plain_pickle(obj, pickler)
+    if data is not None:
+        (on_pickled or (lambda: None))()
+        write_bytes_atomic(path, data, durable=False)
+        return len(data)
     import torch
 
     pickle_module = _pickle_module(pickler, on_pickled or (lambda: None))
@@ -167,6 +205,10 @@ def _without_crc32(torch) -> Iterator[None]:
 
 def load(path: Path) -> Any:
     """Read an object written by :func:`dump`, memory-mapping its tensors."""
+    with open(path, "rb") as f:
+        if f.read(len(_ZIP)) != _ZIP:
+            f.seek(0)
+            return pickle.load(f)
     import torch
 
     return torch.load(path, weights_only=False, mmap=True, map_location="cpu")
@@ -184,6 +226,7 @@ class Outputs:
     values: dict[str, Any] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     types: dict[str, str] = field(default_factory=dict)  # name -> the value's type
+    inline: dict[str, bytes] = field(default_factory=dict)  # small values, pickled
 
 
 RETURN_VALUE = "return value"
@@ -199,7 +242,11 @@ def dump_outputs(outputs: Outputs, path: Path, part: Callable[[str], Path], *,
     for name, value in outputs.values.items():
         kind = _type_name(value)
         try:
-            dump(value, part(name), pickler=ResultPickler)
+            data = _plain_pickle(value, ResultPickler)
+            if data is not None and len(data) <= INLINE_BYTES:
+                index.inline[name] = data
+            else:
+                dump(value, part(name), pickler=ResultPickler)
         except Exception as exc:  # pickling can raise nearly anything
             if strict:
                 raise
@@ -217,15 +264,20 @@ def load_outputs(path: Path, part: Callable[[str], Path]) -> Outputs:
     index = load(path)
     if not isinstance(index, Outputs):  # a plain file (written by hand, older nbdist)
         return Outputs(values={RETURN_VALUE: index})
+    inline = getattr(index, "inline", {})  # an index of nbdist before 0.2 has none
     for name in list(index.values):
         try:
-            check_private(part(name))
-            index.values[name] = load(part(name))
+            if name in inline:
+                index.values[name] = pickle.loads(inline[name])
+            else:
+                check_private(part(name))
+                index.values[name] = load(part(name))
         except Exception as exc:  # unpickling can raise nearly anything
             del index.values[name]
             index.skipped[name] = (
                 f"the {index.types.get(name, 'value')} was saved on the rank but cannot "
                 f"be loaded here ({type(exc).__name__}: {exc})")
+    index.inline = {}  # loaded: the values hold them now
     return index
 
 

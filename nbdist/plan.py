@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from nbdist import frameworks
 from nbdist.errors import InvalidArgumentError
+from nbdist.protocol import Spec
 
 ENV_SSH_OPTIONS = "NBDIST_SSH_OPTIONS"
 SLURM_KEYS = ("nodes", "partition", "time", "account", "args")
@@ -25,7 +27,7 @@ SLURM_KEYS = ("nodes", "partition", "time", "account", "args")
 class Plan:
     """The validated shape of a job or a pool."""
 
-    nprocs: int  # ranks per host
+    ranks_per_host: int  # what the user's ``nprocs`` (or ``gpus``) says
     device: str  # "cuda" | "cpu"
     backend: str
     visible_devices: str | None  # CUDA_VISIBLE_DEVICES for the workers
@@ -45,7 +47,7 @@ class Plan:
 
     @property
     def world_size(self) -> int:
-        return self.nprocs * self.nhosts
+        return self.ranks_per_host * self.nhosts
 
     @property
     def remote(self) -> bool:
@@ -111,13 +113,28 @@ def plan_launch(*, nprocs: int | None, gpus: int | str | Sequence[int] | None,
         current = None if remote else os.environ.get("CUDA_VISIBLE_DEVICES")
         names = current.split(",") if current else [str(i) for i in range(max(device_ids) + 1)]
         visible = ",".join(names[i] for i in device_ids)
-    return Plan(nprocs=nprocs or 2, device=device, backend=backend,
+    return Plan(ranks_per_host=nprocs or 2, device=device, backend=backend,
                 visible_devices=visible, timeout=timeout, init_timeout=init_timeout,
                 hosts=host_list, ssh_options=_ssh_options(ssh_options) if host_list else (),
                 slurm=slurm_opts)
 
 
-def job_env(plan: Plan, extra: dict[str, str] | None) -> tuple[dict[str, str], dict[str, str]]:
+def rank_spec(plan: Plan, env: dict[str, str] | None, *, return_all: bool = False,
+              pool: bool = False) -> Spec:
+    """What every rank of ``plan`` starts from: this process's working directory and
+    ``sys.path``, nbdist's environment plus the user's ``env``."""
+    cwd = os.getcwd()
+    defaults, overrides = _rank_env(plan, env)
+    return Spec(ranks_per_host=plan.ranks_per_host, world_size=plan.world_size,
+                backend=plan.backend, device=plan.device, cwd=cwd,
+                sys_path=tuple(os.path.abspath(p) if p else cwd for p in sys.path),
+                env_defaults=defaults, env_overrides=overrides, return_all=return_all,
+                # the ranks watch the caller's pid only where it is the caller's (one
+                # machine); elsewhere each host's relay watches its link to the caller
+                caller_pid=None if plan.remote else os.getpid(), pool=pool)
+
+
+def _rank_env(plan: Plan, extra: dict[str, str] | None) -> tuple[dict[str, str], dict[str, str]]:
     """What the ranks' environment gets from nbdist: (defaults, overrides).
 
     The defaults yield to the environment on the ranks' machine, the overrides (the
@@ -142,12 +159,6 @@ def job_env(plan: Plan, extra: dict[str, str] | None) -> tuple[dict[str, str], d
         # each talk to themselves)
         overrides.setdefault("GLOO_SOCKET_IFNAME", "lo")
     return defaults, overrides
-
-
-def merge_env(base: dict[str, str], defaults: dict[str, str],
-              overrides: dict[str, str]) -> dict[str, str]:
-    """The ranks' environment on a machine whose own environment is ``base``."""
-    return {**defaults, **base, **overrides}
 
 
 def _parse_hosts(hosts: str | Sequence[str] | None) -> tuple[str, ...] | None:

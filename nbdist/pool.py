@@ -5,15 +5,15 @@
     Pool(nprocs=2)        plan → pool folder (spec, entry, a FIFO per rank) → torchrun;
       │                   the ranks join the process group, then sleep on their FIFO
       ▼
-    pool.run(fn, *args)   a task: a job folder of its own with the payload; task.json
-      │                   and a byte in every rank's FIFO wake the ranks
+    pool.run(fn, *args)   a task: a job folder of its own with the payload; its
+      │                   protocol.Post, written into every rank's FIFO, wakes them
       ▼
     every rank: load, call, result / error record, log and events in the task folder,
-      │         then "done" / "failed" (_worker._serve_pool)
+      │         then "done" / "failed", ringing the bell (_worker._serve_pool)
       ▼
-    api.supervise until every rank reported: rank 0's value, or the root cause.
-    After a failure, a health check (one all_reduce, ~2 s at most): the pool stays up
-    with its ranks' state, or it is torn down and the user is told.
+    Supervisor.follow(TaskOver): rank 0's value, or the root cause. After a failure, a
+    health check (one all_reduce, ~2 s at most): the pool stays up with its ranks'
+    state, or it is torn down and the user is told.
 
 Pool lifetime and task lifetime are two things: the pool folder holds what lives as
 long as the ranks (torchrun's log, start-up output, exit codes), each task's folder
@@ -32,18 +32,19 @@ import shutil
 import signal
 import time
 import warnings
-import weakref
 from typing import Any, Callable, Sequence
 
 from nbdist import api, rankstacks
 from nbdist import display as displays
 from nbdist import launch as launchers
 from nbdist.errors import InvalidArgumentError, NbdistError
-from nbdist.job import Job, diagnose, prune_jobs, read_results
+from nbdist.job import Job, diagnose, prune_now_and_then, read_results
 from nbdist.jobdir import JobDir
 from nbdist.launch import Launcher
-from nbdist.plan import check_callable, check_seconds, debug_env, plan_launch
-from nbdist.states import REPORTED, JobState, RankState
+from nbdist.plan import check_callable, check_seconds, debug_env, plan_launch, rank_spec
+from nbdist.session import SESSION
+from nbdist.states import JobState, RankState
+from nbdist.supervise import Limits, Supervisor, TaskOver, every_rank_reported, ranks_ready
 
 FAILURE_GRACE = 2.0  # seconds the other ranks get to finish once one rank failed
 INTERRUPT_GRACE = 2.0  # seconds the ranks get to answer SIGINT with KeyboardInterrupt
@@ -53,13 +54,6 @@ CLOSE_GRACE = 2.0  # seconds the ranks get to leave politely on close()
 LOST = ("[nbdist] the pool was torn down: its ranks and everything they held are "
         "gone; the next call starts a new pool")
 KEPT = "[nbdist] the pool is still up: its ranks and their state are kept"
-
-_open_pools: "weakref.WeakSet[Pool]" = weakref.WeakSet()
-
-
-def open_pools() -> list["Pool"]:
-    """The pools of this process not closed yet."""
-    return list(_open_pools)
 
 
 class Pool:
@@ -90,30 +84,39 @@ class Pool:
                                 init_timeout=init_timeout, hosts=hosts,
                                 ssh_options=ssh_options, slurm=slurm)
         self.persist = persist
-        self.env = dict(debug_env(env, debug) or {})
+        self.env = debug_env(env, debug)
         self.options = {"nprocs": nprocs, "gpus": gpus, "backend": backend, "debug": debug,
                         "hosts": hosts, "ssh_options": ssh_options, "slurm": slurm}
         self.tasks = 0  # tasks run on the current ranks
         self.kept_names: set[str] = set()  # persist: names the ranks' namespaces hold
-        self._launch: Launcher | None = None
+        self.launch: Launcher | None = None
         self._dir: JobDir | None = None
         self._ranks: Job | None = None  # the pool's own record: its ranks' pids and states
+        self._watch: Supervisor | None = None  # follows that record
         self._idle_since = time.monotonic()
         self.closed = False
-        _open_pools.add(self)
+        SESSION.add_pool(self)
         self._start()
 
     # --- what the user calls ---------------------------------------------------------
     @property
-    def nprocs(self) -> int:
+    def world_size(self) -> int:
         """Ranks in all (hosts x ranks per host)."""
         return self.plan.world_size
 
     @property
     def alive(self) -> bool:
         """Its ranks are up (on every host: one lost between calls counts as down)."""
-        return (self._launch is not None and self._launch.poll() is None
-                and not self._launch.lost_hosts())
+        return (self.launch is not None and self.launch.poll() is None
+                and not self.launch.lost_hosts())
+
+    def ready(self) -> "Pool":
+        """Wait until every rank has joined the process group (the first :meth:`run`
+        waits anyway, showing them start); returns the pool."""
+        if not self.alive:
+            self._restart_lost()
+        self._wait_ready(displays.create("none"))
+        return self
 
     def run(self, fn: Callable, *args: Any, timeout: float | None = None,
             return_all: bool = False, display: str = "auto", all_ranks: bool = False,
@@ -127,15 +130,16 @@ class Pool:
         view = displays.create(display, all_ranks=all_ranks)
         if not self.alive:
             self._restart_lost()
-        prune_jobs()
+        prune_now_and_then()
         task, job = self._new_task(return_all)
         api.write_payload(task, fn, args, kwargs, on_pickled=lambda: None)
-        api.remember(job)
+        SESSION.remember(job)
         try:
             view.start(job)
             self._wait_ready(view)
-            self._launch.post(task, return_all)
-            return self._outcome(job, view, timeout, stall_warning)
+            self.launch.post(task, return_all)
+            return self._outcome(job, view, Limits(timeout=timeout,
+                                                   stall_warning=stall_warning))
         except KeyboardInterrupt as exc:
             job.status = JobState.INTERRUPTED
             self._interrupted(job, exc)
@@ -153,12 +157,15 @@ class Pool:
 
     def status(self) -> dict[str, Any]:
         """What the pool holds: ranks (pid, state), device, tasks run, idle seconds."""
+        if self._watch is not None and self.alive:
+            self._watch.pump()  # what the ranks said since (their pids, once started)
         ranks = self._ranks.ranks if self._ranks is not None else []
         return {
-            "alive": self.alive, "nprocs": self.nprocs, "backend": self.plan.backend,
+            "alive": self.alive, "world_size": self.world_size,
+            "ranks_per_host": self.plan.ranks_per_host, "backend": self.plan.backend,
             "device": self.plan.device, "visible_devices": self.plan.visible_devices,
             "hosts": (list(self.plan.hosts) if self.plan.hosts  # Slurm's: once allocated
-                      else self._launch.hosts if self._launch is not None else None),
+                      else self.launch.hosts if self.launch is not None else None),
             "persist": self.persist, "tasks": self.tasks,
             "idle_seconds": round(time.monotonic() - self._idle_since, 1),
             "ranks": [{"rank": r.rank, "pid": r.pid, "host": r.host,
@@ -174,15 +181,15 @@ class Pool:
         Idempotent; also called at interpreter exit.
         """
         self.closed = True
-        _open_pools.discard(self)
-        if self._launch is None:
+        SESSION.discard_pool(self)
+        if self.launch is None:
             return
         if self.alive:
             with contextlib.suppress(OSError):
-                self._launch.post(None, False, stop=True)
+                self.launch.post(None, False, stop=True)
             deadline = time.monotonic() + CLOSE_GRACE
-            while self._launch.poll() is None and time.monotonic() < deadline:
-                self._launch.wait(0.05)
+            while self.launch.poll() is None and time.monotonic() < deadline:
+                self.launch.wait(0.05)
         self._stop()
         if self._dir is not None:
             shutil.rmtree(self._dir.path, ignore_errors=True)
@@ -196,36 +203,40 @@ class Pool:
 
     def __repr__(self) -> str:
         state = "up" if self.alive else "down"
-        return (f"<nbdist.Pool {state} nprocs={self.nprocs} backend={self.plan.backend} "
-                f"tasks={self.tasks}{' persist' if self.persist else ''}>")
+        return (f"<nbdist.Pool {state} world_size={self.world_size} "
+                f"backend={self.plan.backend} tasks={self.tasks}"
+                f"{' persist' if self.persist else ''}>")
 
     # --- the pool's lifetime ---------------------------------------------------------
     def _start(self) -> None:
         pool = JobDir.create()
         try:
-            api.write_spec(pool, self.plan, False, pool=True, persist=self.persist)
-            self._launch = launchers.start(pool, self.plan, self.env, pool=True)
+            spec = rank_spec(self.plan, self.env, pool=True)
+            pool.write_spec(spec)
+            self.launch = launchers.start(pool, spec, self.plan)
         except BaseException:
             self._stop()
             shutil.rmtree(pool.path, ignore_errors=True)
             raise
         self._dir = pool
         self._ranks = api.new_job(pool, self.plan, False)
+        self._watch = Supervisor(self.launch, self._ranks, displays.create("none"),
+                                 Limits(init_timeout=self.plan.init_timeout))
         self.tasks = 0
         self.kept_names = set()
 
     def _restart_lost(self) -> None:
         """The ranks are gone (a crash between calls): start new ones, and say so."""
-        if self._launch is not None:
+        if self.launch is not None:
             warnings.warn("nbdist: the pool's ranks had exited; starting a new pool (rank "
                           "state is lost)", stacklevel=3)
             self._stop()
         self._start()
 
     def _stop(self) -> None:
-        if self._launch is not None:
-            self._launch.kill()
-        self._launch = None
+        if self.launch is not None:
+            self.launch.kill()
+        self.launch = None
 
     def _teardown(self, exc: BaseException) -> None:
         """Kill a pool whose ranks can no longer be trusted; keep its folder for its logs."""
@@ -241,18 +252,20 @@ class Pool:
 
     def _wait_ready(self, view: displays.Display) -> None:
         """The first task waits for the ranks to join (the display shows them do it)."""
-        record = self._ranks
-        if _all(record, RankState.READY):
+        record, watch = self._ranks, self._watch
+        if ranks_ready(record, 0):
             return
+        watch.view = view
         try:
-            api.supervise(self._launch, record, view, timeout=None,
-                          init_timeout=self.plan.init_timeout,
-                          until=lambda: _all(record, RankState.READY))
+            with SESSION.following(self.launch):
+                code = watch.follow(ranks_ready)
         except NbdistError as exc:  # init timeout: everything is killed already
             self._teardown(exc)
             raise
-        if self._launch.poll() is not None:
-            exc = diagnose(record, self._launch.poll(), lost=self._launch.lost_hosts())
+        finally:
+            watch.view = displays.create("none")
+        if code is not None:
+            exc = diagnose(record, code, lost=self.launch.lost_hosts())
             self._teardown(exc)
             raise exc
 
@@ -261,38 +274,27 @@ class Pool:
         task = JobDir.create()
         return task, api.new_job(task, self.plan, return_all, pool=self._dir.id)
 
-    def _outcome(self, job: Job, view: displays.Display, timeout: float | None,
-                 stall_warning: float | None) -> Any:
-        first_failure: list[float] = []
-
-        def over() -> bool:
-            """Every rank reported, or one failed FAILURE_GRACE ago and the others
-            still run (likely stuck waiting for it)."""
-            if _reported(job):
-                return True
-            if not first_failure and any(r.state == RankState.FAILED for r in job.ranks):
-                first_failure.append(time.monotonic())
-            return bool(first_failure) and time.monotonic() - first_failure[0] > FAILURE_GRACE
-
+    def _outcome(self, job: Job, view: displays.Display, limits: Limits) -> Any:
+        watch = Supervisor(self.launch, job, view, limits)
         try:
-            api.supervise(self._launch, job, view, timeout=timeout, init_timeout=None,
-                          until=over, stall_warning=stall_warning)
+            with SESSION.following(self.launch):
+                code = watch.follow(TaskOver(FAILURE_GRACE))
         except NbdistError as exc:  # a timeout: everything is killed already
             self._teardown(exc)
             raise
-        if self._launch.poll() is not None:  # a rank crashed: torchrun ended every rank
+        if code is not None:  # a rank crashed: torchrun ended every rank
             raise self._lost(job)
-        if not _reported(job):  # one failed, the others still run: ask them to stop
-            self._signal(signal.SIGINT)
-            self._wait_reported(job, view, INTERRUPT_GRACE)
+        if not every_rank_reported(job, 0):  # one failed, the others still run: stop them
+            self.launch.signal(signal.SIGINT)
+            self._wait_reported(watch, INTERRUPT_GRACE)
         self.tasks += 1
-        if _all(job, RankState.DONE):
+        if all(r.state == RankState.DONE for r in job.ranks):
             return job.take_result()
         job.status = JobState.FAILED
         exc = diagnose(job, None)
-        if self._launch.poll() is not None:
+        if self.launch.poll() is not None:
             raise self._lost(job)
-        if _reported(job) and self._healthy():
+        if every_rank_reported(job, 0) and self._healthy():
             exc.add_note(KEPT)
         else:
             self._teardown(exc)
@@ -301,10 +303,9 @@ class Pool:
     def _lost(self, job: Job) -> BaseException:
         """The error for a task whose ranks died with the pool (a crash, a kill)."""
         job.status = JobState.FAILED
-        pool_failures = self._dir.failures
         with contextlib.suppress(FileNotFoundError):  # the exit codes torchrun saw
-            shutil.copy(pool_failures, JobDir(job.dir).failures)
-        exc = diagnose(job, self._launch.poll(), lost=self._launch.lost_hosts())
+            shutil.copy(self._dir.failures, JobDir(job.dir).failures)
+        exc = diagnose(job, self.launch.poll(), lost=self.launch.lost_hosts())
         self._teardown(exc)
         return exc
 
@@ -313,16 +314,16 @@ class Pool:
         within ``INTERRUPT_GRACE`` (stuck in C++, a collective) cost the pool."""
         if not self.alive:
             return
-        if not _all(self._ranks, RankState.READY):  # still starting
+        if not ranks_ready(self._ranks, 0):  # still starting
             self._teardown(exc)
             return
         try:
-            self._signal(signal.SIGINT)
-            if self._wait_reported(job, displays.create("none"), INTERRUPT_GRACE) \
-                    and self._healthy():
+            self.launch.signal(signal.SIGINT)
+            watch = Supervisor(self.launch, job, displays.create("none"))
+            if self._wait_reported(watch, INTERRUPT_GRACE) and self._healthy():
                 exc.add_note("[nbdist] every rank stopped its task; " + KEPT[9:])
                 return
-            dumps = rankstacks.collect(self._launch)
+            dumps = rankstacks.collect(self.launch)
             if dumps:
                 exc.add_note("[nbdist] where the ranks were when they did not answer:\n"
                              + rankstacks.report(dumps))
@@ -330,11 +331,11 @@ class Pool:
             pass
         self._teardown(exc)
 
-    def _wait_reported(self, job: Job, view: displays.Display, seconds: float) -> bool:
-        deadline = time.monotonic() + seconds
-        api.supervise(self._launch, job, view, timeout=None, init_timeout=None,
-                      until=lambda: _reported(job) or time.monotonic() > deadline)
-        return _reported(job) and self._launch.poll() is None
+    def _wait_reported(self, watch: Supervisor, seconds: float) -> bool:
+        """Follow until every rank reported or ``seconds`` passed: True if they did."""
+        deadline = watch.clock() + seconds
+        watch.follow(lambda job, now: every_rank_reported(job, now) or now > deadline)
+        return every_rank_reported(watch.job, 0) and self.launch.poll() is None
 
     def _healthy(self) -> bool:
         """After a failed task: do the ranks still form a working process group?"""
@@ -343,29 +344,17 @@ class Pool:
         task, job = self._new_task(False)
         try:
             api.write_payload(task, check_health, (), {}, on_pickled=lambda: None)
-            self._launch.post(task, False)
-            api.supervise(self._launch, job, displays.create("none"),
-                          timeout=HEALTH_TIMEOUT, init_timeout=None,
-                          until=lambda: _reported(job))
-            if self._launch.poll() is not None or not _all(job, RankState.DONE):
+            self.launch.post(task, False)
+            watch = Supervisor(self.launch, job, displays.create("none"),
+                               Limits(timeout=HEALTH_TIMEOUT))
+            if watch.follow(every_rank_reported) is not None or not all(
+                    r.state == RankState.DONE for r in job.ranks):
                 return False
-            return read_results(task, [0])[0] == self.nprocs
+            return read_results(task, [0])[0] == self.world_size
         except NbdistError:  # the health check timed out: everything is killed
             return False
         finally:
             shutil.rmtree(task.path, ignore_errors=True)
-
-    def _signal(self, sig: signal.Signals) -> None:
-        self._launch.signal(sig)
-
-
-def _reported(job: Job) -> bool:
-    """Every rank of the task reported its outcome."""
-    return all(r.state in REPORTED for r in job.ranks)
-
-
-def _all(job: Job, state: RankState) -> bool:
-    return all(r.state == state for r in job.ranks)
 
 
 def check_options(pool: Pool, *, nprocs: int | None, gpus: Any, backend: str | None,
@@ -374,7 +363,7 @@ def check_options(pool: Pool, *, nprocs: int | None, gpus: Any, backend: str | N
     the pool decides)."""
     have = pool.plan
     asked = []
-    if nprocs is not None and nprocs != have.nprocs:
+    if nprocs is not None and nprocs != have.ranks_per_host:
         asked.append(f"{nprocs} ranks")
     if hosts is not None and plan_launch(
             nprocs=1, gpus=None, backend=None, timeout=None, init_timeout=None,
@@ -389,19 +378,20 @@ def check_options(pool: Pool, *, nprocs: int | None, gpus: Any, backend: str | N
     if gpus is not None:
         wanted = plan_launch(nprocs=None, gpus=gpus, backend=None, timeout=None,
                              init_timeout=None)
-        if (wanted.visible_devices, wanted.nprocs) != (have.visible_devices, have.nprocs):
+        if ((wanted.visible_devices, wanted.ranks_per_host)
+                != (have.visible_devices, have.ranks_per_host)):
             asked.append(f"GPUs {wanted.visible_devices}")
     if asked:
         where = f"GPUs {have.visible_devices}" if have.visible_devices else have.device
         if have.nhosts > 1:
             where += f" on each of {', '.join(have.hosts or ['its Slurm nodes'])}"
         raise InvalidArgumentError(
-            f"the pool has {have.nprocs} ranks on {where} ({have.backend}); this asks "
-            f"for {', '.join(asked)}")
+            f"the pool has {have.ranks_per_host} ranks on {where} ({have.backend}); this "
+            f"asks for {', '.join(asked)}")
 
 
 @atexit.register
 def _close_all() -> None:
-    for pool in open_pools():
+    for pool in SESSION.pools():
         with contextlib.suppress(Exception):
             pool.close()

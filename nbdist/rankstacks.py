@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nbdist.jobdir import JOB_ID, size_of
+from nbdist.session import SESSION
 
 SIGNAL = signal.SIGUSR1
 DUMP_WAIT = 1.0  # seconds the ranks get to write their stacks
@@ -166,11 +167,7 @@ def stacks() -> str:
 
         print(nbdist.stacks())
     """
-    from nbdist import api, pool
-
-    launches = [api.running_launch()] if api.running_launch() is not None else [
-        p._launch for p in pool.open_pools() if p.alive]
+    launches = SESSION.running()
     if not launches:
         return "[nbdist] no job or pool is running in this process"
-    return "\n".join(report(collect(launch))
-                     for launch in launches)
+    return "\n".join(report(collect(launch)) for launch in launches)

@@ -24,7 +24,7 @@ import time
 from typing import Any, Iterable, Iterator, TypeVar
 
 from nbdist.channel import ChannelWriter
-from nbdist.states import EventKind
+from nbdist.protocol import Metrics, Progress
 
 T = TypeVar("T")
 
@@ -103,7 +103,7 @@ def track(iterable: Iterable[T], desc: str | None = None,
         yield from iterable
         return
     bar = next(_bar_ids)
-    channel.emit(EventKind.PROGRESS, bar=bar, desc=desc, n=0, total=total)
+    channel.emit(Progress(bar, desc, 0, total))
     n = 0
     monotonic = time.monotonic
     next_emit = monotonic() + PROGRESS_INTERVAL
@@ -112,11 +112,11 @@ def track(iterable: Iterable[T], desc: str | None = None,
             yield item
             n += 1
             if monotonic() >= next_emit:
-                channel.emit(EventKind.PROGRESS, bar=bar, desc=desc, n=n, total=total)
+                channel.emit(Progress(bar, desc, n, total))
                 next_emit = monotonic() + PROGRESS_INTERVAL
     finally:
         flush_metrics()
-        channel.emit(EventKind.PROGRESS, bar=bar, desc=desc, n=n, total=total, closed=True)
+        channel.emit(Progress(bar, desc, n, total, closed=True))
 
 
 def report(**metrics: Any) -> None:
@@ -139,7 +139,7 @@ def report(**metrics: Any) -> None:
 def flush_metrics() -> None:
     """Send metrics still held back by throttling (the worker calls this at the end)."""
     if _channel is not None and _pending_metrics:
-        _channel.emit(EventKind.METRICS, values=dict(_pending_metrics), step=_report_step)
+        _channel.emit(Metrics(dict(_pending_metrics), _report_step))
         _pending_metrics.clear()
 
 

@@ -7,14 +7,14 @@ gloo's error and torchrun's teardown came first.
 
 from __future__ import annotations
 
-import pickle
 import time
 
 import pytest
 
 import nbdist
 from nbdist.job import Job, RankStatus, diagnose
-from nbdist.jobdir import JobDir, write_bytes_atomic, write_json_atomic
+from nbdist.jobdir import JobDir, write_bytes_atomic
+from nbdist.protocol import ErrorRecord, RankExit, encode_exits
 
 GLOO_CLOSED = ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed "
                "by peer [127.0.0.1]:50123")
@@ -27,14 +27,14 @@ def job_with(tmp_path, *, errors: dict[int, tuple[str, str, float]],
     job_dir = JobDir(tmp_path / "job")
     job_dir.path.mkdir(parents=True)
     for rank, (kind, message, when) in errors.items():
-        write_bytes_atomic(job_dir.error(rank), pickle.dumps({
-            "rank": rank, "host": "here", "pid": 100 + rank, "time": when, "type": kind,
-            "message": message, "traceback": f"Traceback ...\n{kind}: {message}\n",
-            "exception": None, "collective": rank in collective}))
-    write_json_atomic(job_dir.failures, {
-        str(rank): {"exitcode": code, "pid": 100 + rank, "local_rank": rank,
-                    "timestamp": int(when)} for rank, (code, when) in exits.items()})
-    return Job(id="job", dir=str(job_dir.path), nprocs=2, backend="gloo",
+        write_bytes_atomic(job_dir.error(rank), ErrorRecord(
+            rank=rank, host="here", pid=100 + rank, time=when, type=kind, message=message,
+            traceback=f"Traceback ...\n{kind}: {message}\n", exception=None,
+            collective=rank in collective).encode())
+    write_bytes_atomic(job_dir.failures, encode_exits({
+        rank: RankExit(exitcode=code, pid=100 + rank, local_rank=rank, timestamp=int(when))
+        for rank, (code, when) in exits.items()}))
+    return Job(id="job", dir=str(job_dir.path), world_size=2, backend="gloo",
                ranks=[RankStatus(r, log=str(job_dir.log(r))) for r in range(2)])
 
 

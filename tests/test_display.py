@@ -10,6 +10,7 @@ recorded times, so throttling is exercised as in the real run, without a launch.
 from __future__ import annotations
 
 import io
+import dataclasses
 import json
 import logging
 import os
@@ -21,7 +22,8 @@ import time
 import pytest
 
 from nbdist import display as displays
-from nbdist.channel import ChannelReader, ChannelWriter, Event
+from nbdist.channel import ChannelReader, ChannelWriter
+from nbdist.protocol import Event, Progress, Metrics, Status, decode_event
 from nbdist.display.base import RENDER_INTERVAL, Display, GuardedDisplay
 from nbdist.display.plain import PROGRESS_EVERY, PlainDisplay
 from nbdist.display.state import (IDLE_AFTER, Bar, JobView, LineBuffer, Series,
@@ -85,40 +87,47 @@ class Clock:
         return self.t
 
 
+def event(rank: int, kind: str, at: float, data: dict) -> Event:
+    """The event a rank's line ``{"kind": kind, "time": at, **data}`` decodes to."""
+    decoded = decode_event(rank, json.dumps({"kind": kind, "time": at, **data}).encode())
+    assert decoded is not None, (kind, data)
+    return decoded
+
+
 def recorded() -> list[Event]:
-    return [Event(rank, kind, T0 + t, dict(data)) for rank, kind, t, data in RECORDED]
+    return [event(rank, kind, T0 + t, dict(data)) for rank, kind, t, data in RECORDED]
 
 
 def succeeded(nprocs: int = 2, epochs: int = 3, steps: int = 20) -> list[Event]:
     """A healthy job: every rank runs epochs × steps with a report per step."""
     events, t = [], 0.0
     for r in range(nprocs):
-        events += [Event(r, "status", T0, {"state": "starting", "pid": 1000 + r}),
-                   Event(r, "status", T0 + 1, {"state": "running"}),
-                   Event(r, "progress", T0 + 1, {"bar": 0, "desc": "epoch", "n": 0,
+        events += [event(r, "status", T0, {"state": "starting", "pid": 1000 + r}),
+                   event(r, "status", T0 + 1, {"state": "running"}),
+                   event(r, "progress", T0 + 1, {"bar": 0, "desc": "epoch", "n": 0,
                                                  "total": epochs})]
     t, bar, step = 1.0, 1, 0
     for epoch in range(epochs):
         for r in range(nprocs):
-            events.append(Event(r, "progress", T0 + t, {"bar": bar, "desc": "train",
+            events.append(event(r, "progress", T0 + t, {"bar": bar, "desc": "train",
                                                         "n": 0, "total": steps}))
         for i in range(1, steps + 1):
             t += 0.05
             step += 1
             for r in range(nprocs):
-                events.append(Event(r, "progress", T0 + t, {"bar": bar, "desc": "train",
+                events.append(event(r, "progress", T0 + t, {"bar": bar, "desc": "train",
                                                             "n": i, "total": steps}))
-                events.append(Event(r, "metrics", T0 + t, {"values": {
+                events.append(event(r, "metrics", T0 + t, {"values": {
                     "loss": 2.0 / step, "acc": step / (epochs * steps)}, "step": step}))
         for r in range(nprocs):
-            events += [Event(r, "progress", T0 + t, {"bar": bar, "desc": "train",
+            events += [event(r, "progress", T0 + t, {"bar": bar, "desc": "train",
                                                      "n": steps, "total": steps,
                                                      "closed": True}),
-                       Event(r, "progress", T0 + t, {"bar": 0, "desc": "epoch",
+                       event(r, "progress", T0 + t, {"bar": 0, "desc": "epoch",
                                                      "n": epoch + 1, "total": epochs,
                                                      "closed": epoch + 1 == epochs})]
         bar += 1
-    events += [Event(r, "status", T0 + t + 0.1, {"state": "done"}) for r in range(nprocs)]
+    events += [event(r, "status", T0 + t + 0.1, {"state": "done"}) for r in range(nprocs)]
     return events
 
 
@@ -127,7 +136,7 @@ def make_job(tmp_path, nprocs: int = 2, hosts: list[str] | None = None) -> Job:
     job_dir.mkdir(exist_ok=True)
     (job_dir / "rank-0.log").write_text("epoch 0 done\n")
     (job_dir / "rank-1.log").write_text("loading\n10%\r50%\r100%\n" + RANK1_LOG)
-    return Job(id="20260101-000000-abcdef", dir=str(job_dir), nprocs=nprocs,
+    return Job(id="20260101-000000-abcdef", dir=str(job_dir), world_size=nprocs,
                backend="gloo", started=time.time() - 5, hosts=hosts,
                ranks=[RankStatus(r, log=str(job_dir / f"rank-{r}.log"))
                       for r in range(nprocs)])
@@ -136,10 +145,11 @@ def make_job(tmp_path, nprocs: int = 2, hosts: list[str] | None = None) -> Job:
 def on_hosts(events: list[Event], landed: list[str]) -> list[Event]:
     """``events`` with each rank's first STATUS naming its host, ``landed[rank]``."""
     named: set[int] = set()
-    for event in events:
-        if event.kind == "status" and event.rank not in named:
-            named.add(event.rank)
-            event.data["host"] = landed[event.rank]
+    for i, each in enumerate(events):
+        if each.kind == "status" and each.rank not in named:
+            named.add(each.rank)
+            events[i] = dataclasses.replace(each, body=dataclasses.replace(
+                each.body, host=landed[each.rank]))
     return events
 
 
@@ -150,8 +160,8 @@ def two_hosts(tmp_path, landed=("gpu1", "gpu1", "gpu2", "gpu2")) -> tuple[Job, l
     (tmp_path / "job" / "rank-3.log").write_text(RANK1_LOG)
     events = on_hosts(succeeded(nprocs=4, epochs=2, steps=10), list(landed))
     last = events.pop()
-    assert last.rank == 3 and last.data == {"state": "done"}
-    events.append(Event(3, "status", last.time,
+    assert last.rank == 3 and last.body == Status("done")
+    events.append(event(3, "status", last.time,
                         {"state": "failed", "exitcode": 1, "error": "ValueError"}))
     return job, events
 
@@ -226,9 +236,9 @@ def test_rates_eta_idle_and_formats():
     assert format_duration(7) == "0:07" and format_duration(3723) == "1:02:03"
 
     clock = Clock(0.0)
-    job = Job(id="j", dir="/nonexistent", nprocs=1, backend="gloo", ranks=[RankStatus(0)])
+    job = Job(id="j", dir="/nonexistent", world_size=1, backend="gloo", ranks=[RankStatus(0)])
     view = JobView(job, clock=clock)
-    view.apply(Event(0, "progress", T0, {"bar": 0, "desc": "x", "n": 1, "total": 9}))
+    view.apply(event(0, "progress", T0, {"bar": 0, "desc": "x", "n": 1, "total": 9}))
     clock.t = IDLE_AFTER + 1
     assert view.idle_for(view.ranks[0]) == pytest.approx(IDLE_AFTER + 1)
     assert "no progress for 0:31" in view.rank_line(view.ranks[0])
@@ -264,9 +274,9 @@ def test_view_groups_ranks_by_host(tmp_path):
     assert groups() == [("host gpu1 — ranks 0-1", [0, 1]), ("host gpu2 — ranks 2-3", [2, 3])]
     # the rendezvous put them elsewhere, one on a host the caller did not name
     for rank, host in enumerate(["gpu2", "gpu1", "gpu1", "gpu3"]):
-        view.apply(Event(rank, "status", T0, {"state": "starting", "pid": 1000 + rank,
+        view.apply(event(rank, "status", T0, {"state": "starting", "pid": 1000 + rank,
                                               "host": host}))
-    view.apply(Event(1, "status", T0 + 1, {"state": "running"}))  # the host stays
+    view.apply(event(1, "status", T0 + 1, {"state": "running"}))  # the host stays
     assert groups() == [("host gpu1 — ranks 1-2", [1, 2]), ("host gpu2 — rank 0", [0]),
                         ("host gpu3 — rank 3", [3])]
     assert view.rank_name(view.ranks[3]) == "rank 3 @gpu3"
@@ -277,7 +287,7 @@ def test_view_groups_ranks_by_host(tmp_path):
     # one machine: no groups and no host in any label, whatever the ranks report
     for hosts in (None, ["gpu1"]):
         view = JobView(make_job(tmp_path, hosts=hosts))
-        view.apply(Event(0, "status", T0, {"state": "starting", "pid": 1, "host": "gpu1"}))
+        view.apply(event(0, "status", T0, {"state": "starting", "pid": 1, "host": "gpu1"}))
         assert view.host_groups() == []  # rank 1 has not named its host yet
         assert view.rank_name(view.ranks[0]) == "rank 0" and view.ranks_text() == "2 ranks"
 
@@ -467,15 +477,15 @@ def test_loss_chart_scales(tmp_path):
     view = JobView(make_job(tmp_path))
     assert chart_svg(view) == ""  # nothing reported yet
     for step, loss in enumerate([5.0, 0.5, 0.05, 0.01], start=1):
-        view.apply(Event(0, "metrics", T0 + step, {"values": {"loss": loss, "note": "x"},
+        view.apply(event(0, "metrics", T0 + step, {"values": {"loss": loss, "note": "x"},
                                                    "step": step}))
-    view.apply(Event(1, "metrics", T0, {"values": {"loss": 99.0}, "step": 1}))
+    view.apply(event(1, "metrics", T0, {"values": {"loss": 99.0}, "step": 1}))
     svg = chart_svg(view)
     assert svg.count("<polyline") == 1 and ">log</text>" in svg  # falls over decades
     assert ">5</text>" in svg and ">0.01</text>" in svg and ">99<" not in svg  # rank 0 only
     flat = JobView(make_job(tmp_path))
     for step in range(1, 4):
-        flat.apply(Event(0, "metrics", T0 + step, {"values": {"acc": 0.5 + step / 10},
+        flat.apply(event(0, "metrics", T0 + step, {"values": {"acc": 0.5 + step / 10},
                                                    "step": step}))
     assert flat.chart_keys() == ["acc"] and ">log</text>" not in chart_svg(flat)
 
@@ -923,32 +933,31 @@ def test_track_and_report_send_throttled_events(tmp_path, monkeypatch):
         runtime._attach(None)
         writer.close()
     events = ChannelReader({0: tmp_path / "events-rank-0.jsonl"}).poll()
-    progress = [e.data for e in events if e.kind == "progress"]
-    metrics = [e.data for e in events if e.kind == "metrics"]
-    assert progress[0] == {"bar": progress[0]["bar"], "desc": "fast", "n": 0, "total": 50_000}
-    assert progress[1]["n"] == 50_000 or not progress[1].get("closed")
-    fast = [p for p in progress if p["desc"] == "fast"]
-    assert fast[-1]["closed"] and fast[-1]["n"] == 50_000
+    progress = [e.body for e in events if e.kind == "progress"]
+    metrics = [e.body for e in events if e.kind == "metrics"]
+    assert progress[0] == Progress(progress[0].bar, "fast", 0, 50_000)
+    assert progress[1].n == 50_000 or not progress[1].closed
+    fast = [p for p in progress if p.desc == "fast"]
+    assert fast[-1].closed and fast[-1].n == 50_000
     assert len(events) < 100  # 50k iterations, a handful of events
     # the last value was held back by the throttle and sent when the loop ended
-    assert metrics[-1] == {"values": {"loss": 1.0 / 50_000}, "step": 50_000}
-    unknown = [p for p in progress if p["desc"] is None]
-    assert unknown[-1] == {"bar": unknown[-1]["bar"], "desc": None, "n": 2,
-                           "total": None, "closed": True}
+    assert metrics[-1] == Metrics({"loss": 1.0 / 50_000}, 50_000)
+    unknown = [p for p in progress if p.desc is None]
+    assert unknown[-1] == Progress(unknown[-1].bar, None, 2, None, closed=True)
 
 
 def test_channel_reader_never_reorders_one_ranks_events(tmp_path):
     paths = {r: tmp_path / f"events-rank-{r}.jsonl" for r in range(2)}
-    lines = {0: [("a", 10.0), ("b", 9.0), ("c", 11.0)],  # rank 0's clock stepped back
-             1: [("x", 9.5), ("y", 10.5)]}
+    lines = {0: [("starting", 10.0), ("joining", 9.0), ("ready", 11.0)],  # clock stepped back
+             1: [("running", 9.5), ("done", 10.5)]}
     for rank, items in lines.items():
         paths[rank].write_text("".join(json.dumps({"kind": "status", "time": t,
                                                    "state": s}) + "\n" for s, t in items))
     with open(paths[1], "a") as f:
         f.write('{"kind": "status", "time": 12.0, "sta')  # half written: later
     events = ChannelReader(paths).poll()
-    assert [e.data["state"] for e in events if e.rank == 0] == ["a", "b", "c"]
-    assert [e.data["state"] for e in events if e.rank == 1] == ["x", "y"]
+    assert [e.body.state for e in events if e.rank == 0] == ["starting", "joining", "ready"]
+    assert [e.body.state for e in events if e.rank == 1] == ["running", "done"]
     assert len(events) == 5
 
 
@@ -1189,8 +1198,8 @@ def test_a_pool_task_shows_its_pool_and_its_ranks_busy_then_idle(tmp_path):
     job = make_job(tmp_path)
     job.pool = "20260101-000000-000-pool"
     view = JobView(job)
-    view.apply(Event(0, "status", T0, {"state": "running"}))
-    view.apply(Event(1, "status", T0, {"state": "done"}))
+    view.apply(event(0, "status", T0, {"state": "running"}))
+    view.apply(event(1, "status", T0, {"state": "done"}))
     assert [view.label(r) for r in view.ranks] == ["busy", "idle"]
     assert view.summary().startswith(f"nbdist task {job.id} on pool {job.pool} running for")
     assert "1 busy, 1 idle" in view.summary()

@@ -82,10 +82,10 @@ def test_on_rank_is_cheap_and_patches_a_module_when_it_is_imported(tmp_path, mon
     (tmp_path / "fakefw" / "__init__.py").write_text("")
     (tmp_path / "fakefw" / "distributed.py").write_text("VALUE = 'original'\n")
     code = textwrap.dedent(f"""
-        import sys
+        import sys, types
         sys.path.insert(0, {str(tmp_path)!r})
         from nbdist import frameworks
-        frameworks.on_rank({{"device": "cpu", "nprocs": 2}})
+        frameworks.on_rank(types.SimpleNamespace(device="cpu", ranks_per_host=2))
         heavy = [m for m in ("torch", "accelerate", "lightning", "fastai") if m in sys.modules]
         hooks = sum(isinstance(f, frameworks._PatchOnImport) for f in sys.meta_path)
         frameworks._after_import("fakefw.distributed",

@@ -25,9 +25,9 @@ import torch
 import nbdist
 from helpers import REPO, kill_caller_once_running, rank_states, start_script, wait_for_ranks
 from kernel_util import Kernel, kernel_manager
-from nbdist import api
+from nbdist import supervise
 from nbdist.job import Job, RankStatus
-from nbdist.plan import job_env, plan_launch
+from nbdist.plan import plan_launch, rank_spec
 from nbdist.pool import KEPT
 from remote_hosts import (BAD_KEY_HOST, NO_HOST, SLURM_NODES, SSH_HOSTS, slurm_cluster,  # noqa: F401
                           ssh_hosts, ssh_options, ssh_run)
@@ -106,9 +106,9 @@ def test_several_hosts_need_ranks_per_host_and_keep_gloo_off_loopback():
     one = plan_launch(nprocs=2, gpus=None, backend=None, timeout=None, init_timeout=None)
     several = plan_launch(nprocs=2, gpus=None, backend=None, timeout=None,
                           init_timeout=None, hosts=["a", "b"])
-    assert job_env(one, None)[1].get("GLOO_SOCKET_IFNAME") == "lo" or \
+    assert rank_spec(one, None).env_overrides.get("GLOO_SOCKET_IFNAME") == "lo" or \
         "GLOO_SOCKET_IFNAME" in os.environ
-    assert "GLOO_SOCKET_IFNAME" not in job_env(several, None)[1]
+    assert "GLOO_SOCKET_IFNAME" not in rank_spec(several, None).env_overrides
 
 
 # ----------------------------------------------------------------------------- ssh
@@ -330,9 +330,9 @@ def test_a_host_where_no_rank_started_is_named_with_its_last_words(tmp_path):
     (tmp_path / "launcher.log").write_text(
         "[host1] waiting for 1 more node\n[host2] connecting to host1:29500\n"
         "[host2] RendezvousConnectionError: the connection to the C10d store has failed\n")
-    job = Job(id="j", dir=str(tmp_path), nprocs=4, backend="gloo", hosts=["host1", "host2"],
+    job = Job(id="j", dir=str(tmp_path), world_size=4, backend="gloo", hosts=["host1", "host2"],
               ranks=[RankStatus(r, log=str(tmp_path / f"rank-{r}.log")) for r in range(4)])
-    error = api._init_timeout_error(job, 8, where="")
+    error = supervise._init_timeout_error(job, 8, where="")
     assert error.missing_ranks == [0, 1, 2, 3] and error.hosts == ["host1", "host2"]
     said = str(error)
     assert "No rank started on host2; the last lines from there:\n  [host2] connecting" in said

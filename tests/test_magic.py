@@ -372,7 +372,10 @@ def test_a_warm_pool_keeps_rank_state_between_cells(kernel, nbdist_home):
     kernel.run("for _name in ('shard', 'sums', 'where', 'again'):\n    globals().pop(_name, None)")
     try:
         out = kernel.run("%distributed start --nprocs 2 --persist").stdout
-        assert "pool started: 2 ranks, gloo, persist" in out
+        # the cell returns once the ranks have joined, and says who they are
+        assert re.search(r"pool ready in [\d.]+ s: 2 ranks \(pids \d+, \d+\), gloo, persist",
+                         out), out
+        assert "pending" not in kernel.run("%distributed status").stdout
         # load once: each rank keeps its own shard in its namespace
         reply = kernel.execute(cell("distributed", """
             shard = torch.arange(3) + 10 * rank
@@ -410,4 +413,5 @@ def test_a_warm_pool_keeps_rank_state_between_cells(kernel, nbdist_home):
         assert "a pool is already up" in reply.stderr, reply
     finally:
         out = kernel.run("%distributed stop").stdout
-    assert "no pool" in out
+    assert "pool stopped after 2 task(s): its ranks are gone" in out, out
+    assert "no pool to stop" in kernel.run("%distributed stop").stdout

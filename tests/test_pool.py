@@ -248,7 +248,7 @@ def test_a_cell_may_leave_out_what_the_pool_decides(monkeypatch):
     monkeypatch.setattr(plan_module, "_cuda_count", lambda: 2)
     pool = SimpleNamespace(plan=plan_launch(nprocs=None, gpus=None, backend=None,
                                                 timeout=None, init_timeout=None))
-    assert (pool.plan.device, pool.plan.backend, pool.plan.nprocs) == ("cuda", "nccl", 2)
+    assert (pool.plan.device, pool.plan.backend, pool.plan.ranks_per_host) == ("cuda", "nccl", 2)
     check_options(pool, nprocs=None, gpus=None, backend=None)
     check_options(pool, nprocs=2, gpus=None, backend="nccl")
     pool.plan = plan_launch(nprocs=None, gpus="0,1", backend=None, timeout=None,

@@ -169,7 +169,7 @@ def test_payload_hook_runs_once_after_pickling_and_before_the_file_exists(tmp_pa
 
 def _fake_job(status: str, loaded: bool, result: bool = True) -> Job:
     job_dir = JobDir.create()
-    job = Job(id=job_dir.id, dir=str(job_dir.path), nprocs=1, backend="gloo",
+    job = Job(id=job_dir.id, dir=str(job_dir.path), world_size=1, backend="gloo",
               status=status, result_loaded=loaded, ranks=[RankStatus(0)])
     if result:
         payload.dump({"w": torch.ones(2)}, job_dir.result(0))

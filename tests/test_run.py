@@ -67,7 +67,7 @@ def test_return_all_args_kwargs_helpers_output_and_job_record(tmp_path, capfd, m
     assert "hello from rank 1" not in captured.out + captured.err
 
     job = nbdist.last_job()
-    assert job.status == "succeeded" and job.nprocs == 2
+    assert job.status == "succeeded" and job.world_size == 2
     assert [r.exitcode for r in job.ranks] == [0, 0]
     assert [r.state for r in job.ranks] == ["done", "done"]
     assert "hello from rank 1" in job.log(1) and "hello from rank 0" in job.log(0)

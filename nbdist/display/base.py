@@ -18,7 +18,7 @@ import logging
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
-    from nbdist.channel import Event
+    from nbdist.protocol import Event
     from nbdist.job import Job
 
 log = logging.getLogger("nbdist.display")

@@ -49,7 +49,7 @@ from nbdist.display.state import (LOG_TAIL_LINES, JobView, LogTail, RankView, lo
 from nbdist.states import EventKind, RankState
 
 if TYPE_CHECKING:
-    from nbdist.channel import Event
+    from nbdist.protocol import Event
     from nbdist.job import Job
 
 CHART_INTERVAL = 0.5  # seconds between redraws of the chart (a few KB of SVG each)
@@ -141,13 +141,13 @@ class LogView:
     box: widgets.VBox
 
     @classmethod
-    def create(cls, nprocs: int) -> "LogView":
-        options = [("none", NO_RANK)] + [(str(r), r) for r in range(nprocs)]
-        if nprocs <= PICKER_BUTTONS_MAX:
+    def create(cls, world_size: int) -> "LogView":
+        options = [("none", NO_RANK)] + [(str(r), r) for r in range(world_size)]
+        if world_size <= PICKER_BUTTONS_MAX:
             picker = widgets.ToggleButtons(
                 options=options, value=NO_RANK,
                 tooltips=["follow no rank's log"]
-                + [f"follow rank {r}'s output as it runs" for r in range(nprocs)],
+                + [f"follow rank {r}'s output as it runs" for r in range(world_size)],
                 style={"button_width": "56px"})
         else:
             picker = widgets.Dropdown(options=options, value=NO_RANK,
@@ -209,14 +209,14 @@ class NotebookDisplay(Display):
 
     # --- the Display interface -------------------------------------------------------
     def start(self, job: "Job") -> None:
-        streamed = set(range(job.nprocs)) if self.all_ranks else {0}
+        streamed = set(range(job.world_size)) if self.all_ranks else {0}
         self.view = JobView(job, streamed=streamed, clock=self._clock)
         self._publisher.begin()
         self.header = widgets.HTML()
         self.rows = [RankRow.create(r.rank) for r in job.ranks]
         self.chart = widgets.HTML(layout=widgets.Layout(display="none"))
         self.failures = widgets.HTML()
-        self.logs = LogView.create(job.nprocs)
+        self.logs = LogView.create(job.world_size)
         self.box = widgets.VBox(
             layout=widgets.Layout(border="1px solid #ddd", padding="4px 8px", width="100%"))
         self._render()
@@ -265,7 +265,7 @@ class NotebookDisplay(Display):
         self._follow_log()
         self._render(final=True)
         self._closed = True
-        tails = {r: log_tail(log_path(job, r), LOG_TAIL_LINES) for r in range(job.nprocs)}
+        tails = {r: log_tail(log_path(job, r), LOG_TAIL_LINES) for r in range(job.world_size)}
         self._publisher.update({"text/html": h.dashboard_html(self.view, tails),
                                 "text/plain": h.dashboard_text(self.view)},
                                self.display_id)

@@ -26,7 +26,7 @@ from nbdist.display.state import JobView, RankView, describe_failure, format_met
 from nbdist.states import EventKind
 
 if TYPE_CHECKING:
-    from nbdist.channel import Event
+    from nbdist.protocol import Event
     from nbdist.job import Job
 
 PROGRESS_EVERY = 10.0  # seconds between progress lines of one rank
@@ -50,7 +50,7 @@ class PlainDisplay(Display):
         return self._stream or sys.stdout
 
     def start(self, job: "Job") -> None:
-        streamed = set(range(job.nprocs)) if self.all_ranks else {0}
+        streamed = set(range(job.world_size)) if self.all_ranks else {0}
         self._view = JobView(job, streamed=streamed, clock=self._clock)
 
     def output(self, rank: int, text: str) -> None:
@@ -81,8 +81,8 @@ class PlainDisplay(Display):
         now = self._clock()
         due = now - self._last_line.get(event.rank, now - PROGRESS_EVERY) >= PROGRESS_EVERY
         if event.kind == EventKind.PROGRESS:
-            key = (event.rank, event.data.get("bar", 0))
-            closed = event.data.get("closed", False)
+            key = (event.rank, event.body.bar)
+            closed = event.body.closed
             # an outermost loop whose middle was shown also gets its end shown
             ending = (closed and key in self._reported_bars
                       and not any(not b.closed for b in rank.bars.values()))
@@ -115,7 +115,7 @@ class PlainDisplay(Display):
             if metrics:
                 self._line(f"{view.rank_name(view.ranks[0])} final metrics: {metrics}")
         self._line(f"job {job.id} {job.status} in {job.duration:.1f}s "
-                   f"({job.nprocs} ranks; logs: {job.dir})")
+                   f"({job.world_size} ranks; logs: {job.dir})")
 
     def _show_failure(self, rank: RankView) -> None:
         """One line for a failed rank, the first time it is seen failed."""

@@ -31,7 +31,7 @@ from nbdist.jobdir import JobDir
 from nbdist.states import FINAL, EventKind, JobState, RankState
 
 if TYPE_CHECKING:
-    from nbdist.channel import Event
+    from nbdist.protocol import Event
     from nbdist.job import Job
 
 LOG_TAIL_LINES = 15
@@ -236,14 +236,14 @@ class JobView:
         return False
 
     def _status(self, rank: RankView, event: "Event") -> bool:
-        data = event.data
-        rank.state = RankState(data.get("state", rank.state))
-        if data.get("host"):
-            rank.host = data["host"]
-        if "exitcode" in data:
-            rank.exitcode = data["exitcode"]
-        if data.get("error"):
-            rank.error = data["error"]
+        status = event.body
+        rank.state = status.state
+        if status.host:
+            rank.host = status.host
+        if status.exitcode is not None:
+            rank.exitcode = status.exitcode
+        if status.error:
+            rank.error = status.error
         if rank.state == RankState.DONE:
             rank.exitcode = 0
         if rank.bad:
@@ -251,34 +251,33 @@ class JobView:
         return True
 
     def _progress(self, rank: RankView, event: "Event") -> bool:
-        data = event.data
-        bar_id = data.get("bar", 0)
+        progress = event.body
+        bar_id = progress.bar
         bar = rank.bars.get(bar_id)
         now = self.clock()
         if bar is None:
-            bar = rank.bars[bar_id] = Bar(bar_id, data.get("desc"), data.get("total"),
+            bar = rank.bars[bar_id] = Bar(bar_id, progress.desc, progress.total,
                                           opened=event.time, updated=event.time,
                                           advanced=now)
             # a new loop at the same depth replaces the finished ones before it
             for old in [b for b in rank.bars.values() if b.closed and b.id < bar_id]:
                 del rank.bars[old.id]
-        n = data.get("n", bar.n)
-        if n != bar.n:
+        if progress.n != bar.n:
             bar.advanced = now
-        bar.n = n
-        bar.total = data.get("total", bar.total)
+        bar.n = progress.n
+        bar.total = progress.total if progress.total is not None else bar.total
         bar.updated = event.time
-        bar.closed = bool(data.get("closed", False))
+        bar.closed = progress.closed
         self._seq += 1
         bar.seq = self._seq
         return True
 
     def _metrics(self, rank: RankView, event: "Event") -> bool:
-        values = event.data.get("values") or {}
+        values = event.body.values or {}
         rank.metrics.update(values)
         if rank.rank == 0:
             self._metric_events += 1
-            step = event.data.get("step", self._metric_events)
+            step = event.body.step or self._metric_events
             for key, value in values.items():
                 if not _is_number(value):
                     continue
@@ -405,7 +404,7 @@ def planned_host(job: "Job", rank: int) -> str | None:
     """The host ``rank`` is planned on: ranks fill ``job.hosts`` in order, evenly."""
     if not job.hosts:
         return None
-    per_host = max(1, job.nprocs // len(job.hosts))
+    per_host = max(1, job.world_size // len(job.hosts))
     return job.hosts[min(rank // per_host, len(job.hosts) - 1)]
 
 

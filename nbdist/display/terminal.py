@@ -36,7 +36,7 @@ from nbdist.display.state import (LOG_SCALE_SPAN, JobView, LineBuffer, RankView,
 from nbdist.states import EventKind, JobState, RankState
 
 if TYPE_CHECKING:
-    from nbdist.channel import Event
+    from nbdist.protocol import Event
     from nbdist.job import Job
 
 CLOCK_INTERVAL = 1.0
@@ -71,7 +71,7 @@ class TerminalDisplay(Display):
 
     # --- the Display interface -------------------------------------------------------
     def start(self, job: "Job") -> None:
-        streamed = set(range(job.nprocs)) if self.all_ranks else {0}
+        streamed = set(range(job.world_size)) if self.all_ranks else {0}
         self.view = JobView(job, streamed=streamed, clock=self._clock)
         self._lines = {r: LineBuffer() for r in sorted(streamed)}
         self._live = Live(self.render(), console=self.console, auto_refresh=False,

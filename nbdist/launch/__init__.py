@@ -1,16 +1,15 @@
 """Launchers: torchrun here, or one torchrun agent per host over ssh or Slurm.
 
 One interface, so that the supervisor, the displays and the error handling do not
-know which launcher ran (``api.supervise``, ``pool.Pool``)::
+know which launcher ran (``supervise.py``, ``pool.py``)::
 
-    launch = start(job_dir, plan, env, pool=False)
+    launch = start(job_dir, spec, plan)
     launch.poll()            None while running, else the exit code (0: every host ok)
-    launch.wait(seconds)     sleep, but return as soon as something ended
+    launch.wait(seconds)     sleep, but return as soon as a rank rang or something ended
     launch.kill()            stop every process of the job on every host; idempotent
     launch.signal(sig)       signal every live rank (SIGINT, SIGUSR1); -> ranks signalled
     launch.post(task, ...)   a pool's next task for every rank
-    launch.note_rank(rank, pid, host)   a rank reported where it runs
-    launch.live_ranks()      ranks known to be up
+    launch.live_ranks()      ranks known to be up (each launcher finds its own)
     launch.take_notices()    lines for the display ("waiting for a Slurm allocation")
     launch.lost_hosts()      {host: why} for hosts lost or never reached ({None: why}: the
                              launcher's own failure, a refused Slurm allocation)
@@ -27,16 +26,16 @@ host's job folder back into the caller's, over a link that ``ssh.py`` or
 
 from __future__ import annotations
 
-import os
 import signal
 from typing import Protocol
 
 from nbdist.jobdir import JobDir
-from nbdist.plan import Plan, job_env, merge_env
+from nbdist.plan import Plan
+from nbdist.protocol import Spec
 
 
 class Launcher(Protocol):
-    """What ``api.supervise``, ``pool.Pool`` and ``rankstacks`` use of a launch."""
+    """What ``supervise.py``, ``pool.Pool`` and ``rankstacks`` use of a launch."""
 
     job: JobDir
     started_at: float | None
@@ -47,25 +46,22 @@ class Launcher(Protocol):
     def kill(self) -> None: ...
     def signal(self, sig: signal.Signals) -> list[int]: ...
     def post(self, task: JobDir | None, return_all: bool, *, stop: bool = False) -> None: ...
-    def note_rank(self, rank: int, pid: int, host: str | None = None) -> None: ...
     def live_ranks(self) -> list[int]: ...
     def take_notices(self) -> list[str]: ...
     def lost_hosts(self) -> dict[str | None, str]: ...
 
 
-def start(job: JobDir, plan: Plan, env: dict[str, str] | None, *,
-          pool: bool = False) -> Launcher:
-    """Start the ranks of ``plan`` for the job (or pool) in ``job``."""
-    defaults, overrides = job_env(plan, env)
+def start(job: JobDir, spec: Spec, plan: Plan) -> Launcher:
+    """Start the ranks ``spec`` describes, where ``plan`` says, for the job (or pool)
+    in ``job``."""
     if plan.hosts is not None:
         from nbdist.launch import ssh
 
-        return ssh.SshLaunch(job, plan, defaults, overrides, pool=pool)
+        return ssh.SshLaunch(job, spec, plan)
     if plan.slurm is not None:
         from nbdist.launch import slurm
 
-        return slurm.SlurmLaunch(job, plan, defaults, overrides, pool=pool)
+        return slurm.SlurmLaunch(job, spec, plan)
     from nbdist.launch.local import Launch
 
-    return Launch(job, plan.nprocs, merge_env(dict(os.environ), defaults, overrides),
-                  pool=pool)
+    return Launch(job, spec)

@@ -4,7 +4,7 @@
 
     caller                          host i  (ssh host … / srun -w node …)
      ├─ Link i: a child process ──▶ python -m nbdist._remote   (launch/relay.py wire)
-     │   sender thread:  job, modules, start, payload, tasks, signals, kill (its stdin)
+     │   sender thread:  Hello, Modules, Start, payload, tasks, signals, kill (its stdin)
      │   reader thread:  the host's files into the caller's job folder  (its stdout)
      │   stderr thread:  ssh's / srun's / the relay's words → launcher.log, prefixed
      └─ … one per host; the first host's relay picks the rendezvous port, the caller
@@ -12,14 +12,14 @@
 
 Liveness needs no pid across machines: a relay whose stdin closes (the caller died,
 the link broke) kills its ranks; the caller sees a link end without the relay's
-"exit" as the host lost, and takes the other hosts down after ``FAILURE_GRACE``.
+``Exit`` as the host lost, and takes the other hosts down after ``FAILURE_GRACE``.
+Which ranks run where it learns from the link itself: a host sends rank N's events.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -31,9 +31,11 @@ from pathlib import Path
 import nbdist
 from nbdist import shipping
 from nbdist.job import describe_exit
-from nbdist.jobdir import JobDir
+from nbdist.jobdir import EVENTS, JobDir
 from nbdist.launch.relay import FROM_HOSTS, Sink, Wire, send_file
 from nbdist.plan import Plan
+from nbdist.protocol import (VERSION, Append, Exit, Fail, Hello, Kill, Message, Modules,
+                             Ping, Port, PostTask, Ready, Signal, Spec, Start)
 
 FAILURE_GRACE = 2.0  # seconds the other hosts get to report, once one failed or was lost
 KILL_WAIT = 3.0  # seconds the relays get to stop their ranks before the links are cut
@@ -46,7 +48,7 @@ class Link:
     """One host: the process that reaches it (ssh, srun) and the threads around it."""
 
     def __init__(self, launch: "HostsLaunch", index: int, label: str, command: list[str],
-                 hello: bytes, modules: bytes):
+                 hello: Hello, modules: bytes):
         self.launch = launch
         self.index = index
         self.label = label
@@ -57,8 +59,8 @@ class Link:
                          tag=str(index))
         # first, before any urgent message can jump the queue (a pipe holds it whole)
         with contextlib.suppress(OSError):
-            self.wire.send("job", hello)
-        self.ready: dict | None = None  # the relay's hello
+            self.wire.send(hello)
+        self.ready: Ready | None = None  # the relay's hello
         self.exitcode: int | None = None  # torchrun's, as the relay reported it
         self.failure: str | None = None  # what the relay said went wrong
         self.ended = threading.Event()  # stdout closed: the link is over
@@ -67,7 +69,7 @@ class Link:
         self._wake = threading.Condition()
         self._stopping = False
         # the caller's own modules (shipping.py) go ahead of the start, urgent too
-        self._urgent.append(("message", "modules", modules, {}))
+        self._urgent.append(("message", Modules(modules)))
         self._last_words: collections.deque = collections.deque(maxlen=20)
         self._words_lock = threading.Lock()
         # the reader last: it joins the stderr thread when the link ends (at once, for
@@ -81,11 +83,11 @@ class Link:
             thread.start()
 
     # --- sending -----------------------------------------------------------------------
-    def send(self, op: str, body: bytes = b"", *, urgent: bool = False, **fields) -> None:
+    def send(self, message: Message, *, urgent: bool = False) -> None:
         """Queue a message; ``urgent`` ones (start, signal, kill) overtake the others,
         also between a file's chunks."""
         with self._wake:
-            (self._urgent if urgent else self._queue).append(("message", op, body, fields))
+            (self._urgent if urgent else self._queue).append(("message", message))
             self._wake.notify()
 
     def send_file(self, path: Path, key: str, *, wait: bool = False) -> None:
@@ -103,10 +105,9 @@ class Link:
                     if self._stopping and not self._urgent:
                         return
                     queue = self._urgent or self._queue
-                    item = queue.popleft() if queue else ("message", "ping", b"", {})
+                    item = queue.popleft() if queue else ("message", Ping())
                 if item[0] == "message":
-                    _, op, body, fields = item
-                    self.wire.send(op, body, **fields)
+                    self.wire.send(item[1])
                 else:
                     self._send_file(*item[1:])
         except (OSError, ValueError):  # the link is gone: the reader reports it
@@ -129,8 +130,8 @@ class Link:
             with self._wake:
                 if not self._urgent:
                     return
-                _, op, body, fields = self._urgent.popleft()
-            self.wire.send(op, body, **fields)
+                _, message = self._urgent.popleft()
+            self.wire.send(message)
 
     def stop_sending(self) -> None:
         with self._wake:
@@ -163,27 +164,34 @@ class Link:
             message = self.wire.receive()
             if message is None:
                 return
-            header, body = message
             try:
-                applied = self.sink.apply(header, body)
+                applied = self.sink.apply(message)
             except OSError as exc:  # this side's fault: a full disk, a folder gone
                 self.failure = self.failure or (
                     f"the caller could not write what the host sent: {exc}")
                 return
-            if not applied:
-                self._handle(header)
+            if applied:
+                self._note_rank(message)
+            else:
+                self._handle(message)
             self.launch.activity.set()
 
-    def _handle(self, header: dict) -> None:
-        op = header["op"]
-        if op == "ready":
-            self.ready = header
-        elif op == "port":
-            self.launch.rendezvous_port(header["address"], header["port"])
-        elif op == "exit":
-            self.exitcode = header["code"]
-        elif op == "fail":
-            self.failure = header["reason"]
+    def _note_rank(self, message: Message) -> None:
+        """A host that sends rank N's events runs rank N."""
+        if isinstance(message, Append) and not message.key:
+            found = EVENTS.fullmatch(message.name)
+            if found:
+                self.launch.rank_hosts.setdefault(int(found.group(1)), self.label)
+
+    def _handle(self, message: Message) -> None:
+        if isinstance(message, Ready):
+            self.ready = message
+        elif isinstance(message, Port):
+            self.launch.rendezvous_port(message.address, message.port)
+        elif isinstance(message, Exit):
+            self.exitcode = message.code
+        elif isinstance(message, Fail):
+            self.failure = message.reason
 
     def _read_stderr(self) -> None:
         with open(self.launch.job.launcher_log, "ab") as log:
@@ -231,22 +239,17 @@ class HostsLaunch:
     reach_hint = ""  # how to check that a host can be reached (ssh.py, slurm.py)
     via = ""  # "ssh" | "slurm": how the relays were reached
 
-    def __init__(self, job: JobDir, plan: Plan, defaults: dict[str, str],
-                 overrides: dict[str, str], *, pool: bool,
+    def __init__(self, job: JobDir, spec: Spec, plan: Plan, *,
                  targets: list[tuple[str, list[str]]] | None):
         self.job = job
+        self.spec = spec
         self.plan = plan
-        self.pool = pool
-        self.defaults = defaults
-        self.overrides = overrides
-        self.nprocs = plan.nprocs
-        self.world_size = plan.world_size
         self.links: list[Link] = []
         self.merge_lock = threading.Lock()  # failures.json: every host adds its ranks'
         self.tasks: set[str] = set()  # a pool's tasks posted: the folders hosts may fill
         self.activity = threading.Event()
         self.started_at: float | None = None
-        self._rank_hosts: dict[int, str] = {}
+        self.rank_hosts: dict[int, str] = {}  # as the links' events say (Link._note_rank)
         self._notices: list[str] = []  # for the display (take_notices)
         self._bad_since: float | None = None
         self._killed = False
@@ -255,33 +258,25 @@ class HostsLaunch:
 
     def connect(self, targets: list[tuple[str, list[str]]]) -> None:
         """Open a link per host; the first host's relay picks the rendezvous port."""
-        spec = self.job.read_spec()
-        cwd = os.getcwd()
-        sys_path = [os.path.abspath(p) if p else cwd for p in sys.path]
-        files, left_out = shipping.collect(sys_path, cwd)
+        files, left_out = shipping.collect(list(self.spec.sys_path), self.spec.cwd)
         if left_out:
             self._notices.append(f"[nbdist] not sent to the hosts: your modules "
                                  f"{', '.join(left_out)}; where a host lacks their folder, "
                                  f"install them there")
         modules = shipping.pack(files)
-        hello = {
-            "job": self.job.id, "nhosts": len(targets), "nprocs": self.nprocs,
-            "world_size": self.world_size, "pool": self.pool, "spec": spec, "cwd": cwd,
-            "sys_path": sys_path,
-            "defaults": self.defaults, "overrides": self.overrides,
-            "python": list(sys.version_info[:2]), "nbdist": nbdist.__version__,
-            "via": self.via,
-        }
         try:
             for index, (label, command) in enumerate(targets):
-                self.links.append(Link(self, index, label, command, json.dumps(
-                    {**hello, "index": index, "host": label}).encode(), modules))
+                hello = Hello(version=VERSION, job=self.job.id, index=index, host=label,
+                              nhosts=len(targets), spec=self.spec,
+                              python=tuple(sys.version_info[:2]), nbdist=nbdist.__version__,
+                              via=self.via)
+                self.links.append(Link(self, index, label, command, hello, modules))
         except BaseException:  # too many hosts for this process's files, or stop pressed
             self.kill()
             raise
         # every link exists before the first host can answer with the port
-        self.links[0].send("start", port=None, address=None)
-        if not self.pool:  # a cold job's payload, once the caller has written it
+        self.links[0].send(Start(port=None, address=None))
+        if not self.spec.pool:  # a cold job's payload, once the caller has written it
             for link in self.links:
                 link.send_file(self.job.payload, "", wait=True)
         self.started_at = time.monotonic()
@@ -289,7 +284,7 @@ class HostsLaunch:
     def rendezvous_port(self, address: str, port: int) -> None:
         """The first host's store listens: every other host may start."""
         for link in self.links[1:]:
-            link.send("start", urgent=True, port=port, address=address)
+            link.send(Start(port=port, address=address), urgent=True)
 
     # --- the launcher interface --------------------------------------------------------
     @property
@@ -342,13 +337,13 @@ class HostsLaunch:
         for link in self.links:
             if not link.ended.is_set():
                 with contextlib.suppress(OSError, ValueError):
-                    link.send("kill", urgent=True)
+                    link.send(Kill(), urgent=True)
                 link.stop_sending()
 
     def signal(self, sig: signal.Signals) -> list[int]:
         for link in self.links:
             if not link.ended.is_set():
-                link.send("signal", urgent=True, signal=int(sig))
+                link.send(Signal(signal=int(sig)), urgent=True)
         return self.live_ranks()
 
     def folder_of(self, key: str) -> Path:
@@ -365,16 +360,12 @@ class HostsLaunch:
         for link in self.links:
             if task is not None:
                 link.send_file(task.payload, task.id)
-            link.send("post", task=task.id if task else None, return_all=return_all,
-                      stop=stop)
-
-    def note_rank(self, rank: int, pid: int, host: str | None = None) -> None:
-        if host is not None:
-            self._rank_hosts[rank] = host
+            link.send(PostTask(task=task.id if task else None, return_all=return_all,
+                               stop=stop))
 
     def live_ranks(self) -> list[int]:
         up = {link.label for link in self.links if not link.ended.is_set()}
-        return sorted(r for r, host in self._rank_hosts.items() if host in up)
+        return sorted(r for r, host in self.rank_hosts.items() if host in up)
 
     def take_notices(self) -> list[str]:
         notices, self._notices = self._notices, []
@@ -384,7 +375,7 @@ class HostsLaunch:
         """Hosts lost or never reached, and hosts whose torchrun failed before any of
         their ranks started (its words say why: a bad option, a missing module)."""
         lost: dict[str | None, str] = {}
-        started = set(self._rank_hosts.values())
+        started = set(self.rank_hosts.values())
         for link in self.links:
             if link.lost:
                 lost[link.label] = link.lost

@@ -7,36 +7,38 @@ supervisor, the displays and ``diagnose`` read it as they read a local job::
 
     caller                                   host (python -m nbdist._remote)
     ──────                                   ────────────────────────────────
-    job, modules, start, payload,      ──▶   writes spec/entry/modules/payload, runs torchrun,
-    post, signal, kill (stdin)               wakes a pool's ranks, signals them
+    Hello, Modules, Start, payload,    ──▶   writes spec/entry/modules/payload, runs torchrun,
+    PostTask, Signal, Kill (stdin)           wakes a pool's ranks, signals them
     Sink: writes into the job folder   ◀──   Mirror: what the ranks wrote (stdout)
 
-A message is one JSON line, then ``size`` bytes of body. Files travel in chunks, so a
-control message (kill, signal) never waits behind a 1 GiB payload, and a file appears
-at its destination by rename, whole. The Mirror sends a rank's events last in each
+Every message is a ``protocol.py`` type: one JSON header line, then its body. Files
+travel in chunks, so a control message (kill, signal) never waits behind a 1 GiB
+payload, and a file appears at its destination by rename, whole. The Mirror sends a rank's events last in each
 scan: an event ("done") is written after the output and result it announces, so the
 caller has those by the time it reads the event, as it would on one machine.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import threading
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-from nbdist.jobdir import EVENTS, GROWING, RECORDS, size_of, write_bytes_atomic
+from nbdist.jobdir import (EVENTS, FAILURES, GROWING, PAYLOAD, RECORDS, size_of,
+                           write_bytes_atomic)
+from nbdist.protocol import (Append, Chunk, End, FileMessage, Message, decode_exits,
+                             decode_message, encode_exits, encode_message, message_size)
 
 CHUNK = 1 << 20  # bytes of a file per message
 # what a host sends back: the ranks' files (jobdir.py names them); the rest stays there
 FROM_HOSTS = re.compile(f"{GROWING.pattern}|{RECORDS.pattern}|{EVENTS.pattern}")
-TO_HOSTS = re.compile(r"payload\.pt")  # the caller sends its hosts the payload only
+TO_HOSTS = re.compile(re.escape(PAYLOAD))  # the caller sends its hosts the payload only
 
 
 class Wire:
-    """Framed messages over a pair of byte streams; ``send`` is thread-safe."""
+    """Typed messages over a pair of byte streams; ``send`` is thread-safe."""
 
     def __init__(self, reader: BinaryIO, writer: BinaryIO):
         self._reader = reader
@@ -44,25 +46,25 @@ class Wire:
         self._lock = threading.Lock()
         self.received = 0  # bytes, headers included
 
-    def send(self, op: str, body: bytes = b"", **fields: Any) -> None:
-        header = json.dumps({"op": op, "size": len(body), **fields}).encode() + b"\n"
+    def send(self, message: Message) -> None:
+        header, body = encode_message(message)
         with self._lock:
             self._writer.write(header + body if len(body) < CHUNK else header)
             if len(body) >= CHUNK:
                 self._writer.write(body)
             self._writer.flush()
 
-    def receive(self) -> tuple[dict, bytes] | None:
-        """The next message and its body; None when the other end closed."""
+    def receive(self) -> Message | None:
+        """The next message; None when the other end closed. Raises
+        ``protocol.ProtocolError`` on bytes that are not one."""
         line = self._reader.readline()
         if not line.endswith(b"\n"):
             return None
-        header = json.loads(line)
-        body = _read_exactly(self._reader, header["size"])
+        body = _read_exactly(self._reader, message_size(line))
         if body is None:
             return None
         self.received += len(line) + len(body)
-        return header, body
+        return decode_message(line, body)
 
 
 def _read_exactly(reader: BinaryIO, size: int) -> bytes | None:
@@ -88,18 +90,17 @@ def send_file(wire: Wire, path: Path, key: str, *, between: Callable[[], None] =
             data = f.read(CHUNK)
             if not data:
                 break
-            wire.send("chunk", data, key=key, name=path.name, offset=offset)
+            wire.send(Chunk(key, path.name, offset, data))
             offset += len(data)
             between()
-    wire.send("end", key=key, name=path.name, total=offset)
+    wire.send(End(key, path.name, offset))
 
 
 class Mirror:
     """The host's end: sends what appeared or grew in the watched folders."""
 
-    def __init__(self, wire: Wire, on_events: Callable[[int, bytes], None] = lambda r, d: None):
+    def __init__(self, wire: Wire):
         self.wire = wire
-        self.on_events = on_events
         self.folders: dict[str, Path] = {}
         self._sent: dict[tuple[str, str], Any] = {}  # an offset, or a file's identity
 
@@ -135,7 +136,6 @@ class Mirror:
         for name, size in events.items():
             data = self._growth(key, folder / name, size)
             if data:
-                self.on_events(int(EVENTS.fullmatch(name).group(1)), data)
                 self._send_data(key, name, data)
                 sent = True
         return sent
@@ -159,7 +159,7 @@ class Mirror:
 
     def _send_data(self, key: str, name: str, data: bytes) -> None:
         for start in range(0, len(data), CHUNK):
-            self.wire.send("append", data[start:start + CHUNK], key=key, name=name)
+            self.wire.send(Append(key, name, data[start:start + CHUNK]))
 
     def _send_whole(self, key: str, path: Path) -> bool:
         try:
@@ -195,35 +195,34 @@ class Sink:
         self.merge_lock = merge_lock or threading.Lock()
         self.tag = tag  # in the partial files' names: several links write one folder
 
-    def apply(self, header: dict, body: bytes) -> bool:
+    def apply(self, message: Message) -> bool:
         """Write one file message; False if it is not one."""
-        op = header["op"]
-        if op not in ("chunk", "end", "append"):
+        if not isinstance(message, (Chunk, End, Append)):
             return False
-        path = self._path(header)
-        if op == "append":
+        path = self._path(message)
+        if isinstance(message, Append):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
-                os.write(fd, body)
+                os.write(fd, message.body)
             finally:
                 os.close(fd)
-        elif op == "chunk":
-            first = os.O_TRUNC if header["offset"] == 0 else 0
+        elif isinstance(message, Chunk):
+            first = os.O_TRUNC if message.offset == 0 else 0
             fd = os.open(self._partial(path), os.O_WRONLY | os.O_CREAT | first, 0o600)
             try:
-                os.pwrite(fd, body, header["offset"])
+                os.pwrite(fd, message.body, message.offset)
             finally:
                 os.close(fd)
-        elif path.name == "failures.json":  # every host's agent writes its own ranks'
+        elif path.name == FAILURES:  # every host's agent writes its own ranks'
             self._merge(path, self._partial(path))
         else:
-            if header["total"] == 0:
+            if message.total == 0:
                 self._partial(path).touch(mode=0o600)
             os.replace(self._partial(path), path)
         return True
 
-    def _path(self, header: dict) -> Path:
-        key, name = header["key"], header["name"]
+    def _path(self, message: FileMessage) -> Path:
+        key, name = message.key, message.name
         try:
             folder = self.folder_of(key)
         except KeyError:
@@ -237,12 +236,11 @@ class Sink:
 
     def _merge(self, path: Path, partial: Path) -> None:
         with self.merge_lock:
-            new = json.loads(partial.read_bytes() or b"{}")
+            new = decode_exits(partial.read_bytes())
             partial.unlink()
             try:
-                old = json.loads(path.read_bytes())
+                old = decode_exits(path.read_bytes())
             except FileNotFoundError:
                 old = {}
-            write_bytes_atomic(path, json.dumps({**old, **new}, indent=1).encode(),
-                               durable=False)
+            write_bytes_atomic(path, encode_exits({**old, **new}), durable=False)
 

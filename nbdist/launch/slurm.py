@@ -27,6 +27,7 @@ from nbdist.jobdir import JobDir
 from nbdist.launch.hosts import HostsLaunch
 from nbdist.launch.ssh import relay_command, remote_python
 from nbdist.plan import Plan
+from nbdist.protocol import Spec
 
 HOLD = 'echo "$SLURM_JOB_ID $SLURM_JOB_NODELIST"; exec cat >/dev/null'
 
@@ -50,9 +51,8 @@ class SlurmLaunch(HostsLaunch):
     reach_hint = ("Check that the nodes run the same Python, with nbdist, at "
                   f"{remote_python()} ($NBDIST_REMOTE_PYTHON names another path).")
 
-    def __init__(self, job: JobDir, plan: Plan, defaults: dict[str, str],
-                 overrides: dict[str, str], *, pool: bool):
-        super().__init__(job, plan, defaults, overrides, pool=pool, targets=None)
+    def __init__(self, job: JobDir, spec: Spec, plan: Plan):
+        super().__init__(job, spec, plan, targets=None)
         self.allocation: str | None = os.environ.get("SLURM_JOB_ID")
         self._salloc: subprocess.Popen | None = None
         self._nodes: list[str] | None = None
@@ -72,13 +72,13 @@ class SlurmLaunch(HostsLaunch):
         opts = self.plan.slurm
         command = ["salloc", "--nodes", str(opts["nodes"]), "--ntasks-per-node", "1",
                    # a core per rank at least: the relay's one task holds them all
-                   "--cpus-per-task", str(self.nprocs), "--job-name", self.name]
+                   "--cpus-per-task", str(self.spec.ranks_per_host), "--job-name", self.name]
         for key in ("partition", "time", "account"):
             if opts.get(key):
                 command += [f"--{key}", str(opts[key])]
         if self.plan.device == "cuda" and self.plan.visible_devices is None:
             # a count: Slurm picks the node's GPUs, and its CUDA_VISIBLE_DEVICES says which
-            command += ["--gpus-per-node", str(self.nprocs)]
+            command += ["--gpus-per-node", str(self.spec.ranks_per_host)]
         command += [*opts["args"], "--", "sh", "-c", HOLD]
         self._salloc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True,

@@ -15,6 +15,7 @@ import sys
 from nbdist.jobdir import JobDir
 from nbdist.launch.hosts import HostsLaunch
 from nbdist.plan import Plan
+from nbdist.protocol import Spec
 
 ENV_REMOTE_PYTHON = "NBDIST_REMOTE_PYTHON"
 BASE_OPTIONS = (
@@ -42,16 +43,15 @@ def relay_command(job: JobDir) -> list[str]:
 
 class SshLaunch(HostsLaunch):
     via = "ssh"
-    def __init__(self, job: JobDir, plan: Plan, defaults: dict[str, str],
-                 overrides: dict[str, str], *, pool: bool):
+
+    def __init__(self, job: JobDir, spec: Spec, plan: Plan):
         options = " ".join(shlex.quote(o) for o in plan.ssh_options)
         self.reach_hint = (
             f"Check that `ssh {options + ' ' if options else ''}HOST true` works without "
             f"a prompt, and that {remote_python()} with nbdist exists there (the same "
             f"Python as here; ${ENV_REMOTE_PYTHON} names another path).")
-        super().__init__(job, plan, defaults, overrides, pool=pool,
-                         targets=[(host, command(host, plan.ssh_options, job))
-                                  for host in plan.hosts])
+        super().__init__(job, spec, plan, targets=[(host, command(host, plan.ssh_options, job))
+                                                   for host in plan.hosts])
 
     def describe_exit(self, code: int | None) -> str:
         return {255: "ssh failed (exit code 255)",

@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 from typing import Any, Callable
 
 from nbdist import frameworks, payload, runtime
@@ -224,6 +225,7 @@ def _load_payload(job: JobDir, rank: int) -> tuple:
     try:
         check_private(job.path)  # unpickling runs code: only from the user's own files
         check_private(job.payload)
+        _accept_users_init()  # first: unpickling binds the names the user's code calls
         return payload.load(job.payload)
     except Exception as exc:
         exc.add_note(f"[nbdist] while loading the job's function and arguments on rank "
@@ -233,9 +235,9 @@ def _load_payload(job: JobDir, rank: int) -> tuple:
 
 
 def _join(spec: Spec) -> None:
-    """Join the process group and make the user's and frameworks' code find it."""
+    """Join the process group and make frameworks' code find it (the user's own
+    ``init_process_group`` was made to when the payload was loaded)."""
     _init_process_group(spec)
-    _accept_users_init()
     frameworks.on_rank(spec)
 
 
@@ -264,16 +266,28 @@ def _init_process_group(spec: Spec) -> None:
 
 def _accept_users_init() -> None:
     """Make the user's own ``init_process_group`` (every tutorial has one) find the
-    group nbdist set up: the same backend is a no-op, said once; another is an error."""
-    import torch.distributed as dist
+    group nbdist set up: the same backend is a no-op, said once; another is an error.
 
-    original = dist.init_process_group
+    Without a group (nbdist's own call, or the user's after destroying it) it is
+    torch's. Installed before the payload is unpickled and on every path to the
+    function, as the names the user's code calls are bound then: PyTorch's DDP
+    tutorial does ``from torch.distributed import init_process_group`` at the top of
+    a module the function imports, and cloudpickle sends torch's function itself, a
+    notebook global, by reference to ``torch.distributed.distributed_c10d`` (issue 18).
+    Once per process: a pool's rank installs it for its first task.
+    """
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    original = distributed_c10d.init_process_group
+    if hasattr(original, "_nbdist_original"):
+        return
     said = False
 
     @functools.wraps(original)
     def init_process_group(backend: Any = None, *args: Any, **kwargs: Any) -> None:
         nonlocal said
-        if not dist.is_initialized():  # the user destroyed it: theirs to make again
+        if not dist.is_initialized():  # nbdist's own call, or the user's after destroying it
             return original(backend, *args, **kwargs)
         have = dist.get_backend()
         conflicts = [f"backend={backend!r}"] if backend and have not in str(backend).lower() else []
@@ -293,7 +307,15 @@ def _accept_users_init() -> None:
                   f"is already initialised; your call does nothing", file=sys.stderr,
                   flush=True)
 
-    dist.init_process_group = init_process_group
+    init_process_group._nbdist_original = original
+    distributed_c10d.init_process_group = dist.init_process_group = init_process_group
+    # Modules imported before now that bound torch's function (today torch's own
+    # device_mesh; a framework a .pth file or sitecustomize imports): one pass over
+    # sys.modules, about a millisecond, so that no name left behind makes a second group.
+    for module in list(sys.modules.values()):
+        if (isinstance(module, types.ModuleType)
+                and vars(module).get("init_process_group") is original):
+            module.init_process_group = init_process_group
 
 
 def _destroy_process_group() -> None:

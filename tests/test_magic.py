@@ -243,7 +243,7 @@ def test_globals_in_names_out_and_rank0_output(kernel):
 
 @pytest.mark.slow
 def test_tutorial_code_runs_unchanged_and_conflicts_are_explained(kernel):
-    kernel.run("for _name in ('summed',):\n    globals().pop(_name, None)")
+    kernel.run("for _name in ('summed', 'tutorial_sum'):\n    globals().pop(_name, None)")
     reply = kernel.execute(cell("distributed --nprocs 2", """
         import torch.distributed as dist
         dist.init_process_group("gloo", rank=rank, world_size=world_size)  # as tutorials do
@@ -257,6 +257,26 @@ def test_tutorial_code_runs_unchanged_and_conflicts_are_explained(kernel):
     assert kernel.value("summed") == 2.0
     said = ("[nbdist] init_process_group: the gloo process group nbdist set up is already "
             "initialised; your call does nothing")
+    assert reply.stdout.count(said) + reply.stderr.count(said) == 1, reply
+
+    # PyTorch's DDP tutorial: the name imported at the top of the notebook, called by a
+    # notebook function (issue 18: on the ranks it was torch's own, a second group)
+    kernel.run(textwrap.dedent("""
+        from torch.distributed import init_process_group, destroy_process_group
+
+        def ddp_setup():
+            init_process_group(backend="gloo")
+    """))
+    reply = kernel.execute(cell("distributed --nprocs 2", """
+        ddp_setup()
+        init_process_group("gloo")  # the notebook's name, read by the cell itself
+        x = torch.ones(1)
+        torch.distributed.all_reduce(x)
+        tutorial_sum = x.item()
+        destroy_process_group()
+    """), timeout=180)
+    assert reply.status == "ok", reply
+    assert kernel.value("tutorial_sum") == 2.0
     assert reply.stdout.count(said) + reply.stderr.count(said) == 1, reply
 
     reply = kernel.execute(cell("distributed --nprocs 2", """

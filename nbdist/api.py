@@ -28,7 +28,8 @@ from nbdist import payload
 from nbdist.job import Job, RankStatus, diagnose, newest_job, prune_jobs
 from nbdist.jobdir import JobDir
 from nbdist.launch import Launcher
-from nbdist.plan import Plan, check_callable, check_seconds, debug_env, plan_launch, rank_spec
+from nbdist.plan import (Plan, check_callable, check_seconds, debug_env, plan_launch,
+                         rank_spec, warn_if_caller_gpu)
 from nbdist.protocol import Spec
 from nbdist.session import SESSION
 from nbdist.states import JobState
@@ -108,6 +109,7 @@ def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
     plan = plan_launch(nprocs=nprocs, gpus=gpus, backend=backend, timeout=timeout,
                        init_timeout=init_timeout, hosts=hosts, ssh_options=ssh_options,
                        slurm=slurm)
+    warn_if_caller_gpu(plan)
     check_seconds("stall_warning", stall_warning)
     spec = rank_spec(plan, debug_env(env, debug), return_all=return_all)
     view = displays.create(display, all_ranks=all_ranks)

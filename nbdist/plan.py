@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -117,6 +118,63 @@ def plan_launch(*, nprocs: int | None, gpus: int | str | Sequence[int] | None,
                 visible_devices=visible, timeout=timeout, init_timeout=init_timeout,
                 hosts=host_list, ssh_options=_ssh_options(ssh_options) if host_list else (),
                 slurm=slurm_opts)
+
+
+def caller_gpu_notice(plan: Plan) -> str | None:
+    """What to tell a caller whose own CUDA context lives on a GPU its ranks will use.
+
+    A notebook that made one CUDA tensor holds a context on its current GPU, and
+    PyTorch's allocator keeps what it freed cached there: ranks put on that GPU get
+    the memory that is left, and their out-of-memory error would name nothing of the
+    notebook. ``None`` when there is nothing to say: torch not imported (nbdist never
+    imports it for this), CUDA not initialised here, a CPU plan, ranks on other hosts,
+    or ranks on other GPUs. Example of the text::
+
+        nbdist: this process holds a CUDA context on cuda:0 (1.5 GiB reserved by
+        PyTorch here, plus the context itself); rank 0 will run on that GPU too, ...
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or plan.device != "cuda" or plan.remote:
+        return None
+    try:
+        if not torch.cuda.is_initialized():
+            return None
+        here = torch.cuda.current_device()
+        reserved = torch.cuda.memory_reserved(here)
+        count = torch.cuda.device_count()
+    except Exception:  # a notice must never stop a launch: the ranks report a broken CUDA
+        return None
+    # the GPUs by the names CUDA_VISIBLE_DEVICES gives them, as plan_launch numbers them
+    current = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = current.split(",") if current else [str(i) for i in range(count)]
+    if here >= len(names):
+        return None
+    # no visible_devices: the ranks inherit this process's GPUs, one rank per GPU
+    ranks_on = (plan.visible_devices.split(",") if plan.visible_devices is not None
+                else names[:plan.ranks_per_host])
+    if names[here] not in ranks_on:
+        return None
+    rank = ranks_on.index(names[here])
+    physical = f", CUDA_VISIBLE_DEVICES entry {names[here]!r}" if current else ""
+    # a list, never a string: gpus="1" is a count (GPU 0), not GPU 1
+    others = [i for i in range(min(count, len(names))) if i != here][:plan.ranks_per_host]
+    elsewhere = f", or put the ranks on other GPUs with gpus={others}" if others else ""
+    return (f"nbdist: this process holds a CUDA context on cuda:{here}{physical} "
+            f"({_size(reserved)} reserved by PyTorch here, plus the context itself); "
+            f"rank {rank} will run on that GPU too, sharing its memory with this "
+            f"notebook. To give the ranks the whole GPU, free it first (del the CUDA "
+            f"tensors and models, then torch.cuda.empty_cache()){elsewhere}.")
+
+
+def warn_if_caller_gpu(plan: Plan) -> None:
+    """Warn, at the user's call (two frames up), when :func:`caller_gpu_notice` says so."""
+    notice = caller_gpu_notice(plan)
+    if notice is not None:
+        warnings.warn(notice, stacklevel=3)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
 
 
 def rank_spec(plan: Plan, env: dict[str, str] | None, *, return_all: bool = False,

@@ -41,7 +41,8 @@ from nbdist.errors import InvalidArgumentError, NbdistError
 from nbdist.job import Job, diagnose, prune_now_and_then, read_results
 from nbdist.jobdir import JobDir
 from nbdist.launch import Launcher
-from nbdist.plan import check_callable, check_seconds, debug_env, plan_launch, rank_spec
+from nbdist.plan import (check_callable, check_seconds, debug_env, plan_launch, rank_spec,
+                         warn_if_caller_gpu)
 from nbdist.session import SESSION
 from nbdist.states import JobState, RankState
 from nbdist.supervise import Limits, Supervisor, TaskOver, every_rank_reported, ranks_ready
@@ -83,6 +84,7 @@ class Pool:
         self.plan = plan_launch(nprocs=nprocs, gpus=gpus, backend=backend, timeout=None,
                                 init_timeout=init_timeout, hosts=hosts,
                                 ssh_options=ssh_options, slurm=slurm)
+        warn_if_caller_gpu(self.plan)
         self.persist = persist
         self.env = debug_env(env, debug)
         self.options = {"nprocs": nprocs, "gpus": gpus, "backend": backend, "debug": debug,

@@ -61,3 +61,20 @@ def test_quick_benchmarks_run_and_print_the_table(tmp_path):
         assert "WRONG" not in payload["nbdist"], payload
         logs = next(r for m, r in rows.items() if "through the relay" in m)
         assert logs["nbdist"].startswith("100 %"), logs
+
+
+def test_gpu_check_says_no_gpu_and_checks_nothing_without_one(tmp_path):
+    """``benchmarks/gpu_check.py`` is run by hand on a lent GPU machine; on a machine
+    without one it must say so and succeed, not fail every row."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: run benchmarks/gpu_check.py itself")
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no usable CUDA GPU here" in proc.stdout, proc.stdout
+    assert "nothing was checked" in proc.stdout, proc.stdout
+    assert json.loads(out.read_text()) == {"gpu": False, "rows": []}

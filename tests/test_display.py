@@ -303,7 +303,7 @@ def test_a_job_on_one_host_shows_no_hosts(tmp_path):
         events = on_hosts(recorded(), landed) if landed else recorded()
         clock, out = Clock(), io.StringIO()
         plain = PlainDisplay(stream=out, clock=clock)
-        term = TerminalDisplay(console=rich_console(), clock=Clock())
+        term = TerminalDisplay(console=rich_console(), clock=Clock(), show_after=0)
         for display in (plain, term):
             display.start(make_job(tmp_path, hosts=hosts))
         feed(plain, events, clock)
@@ -421,7 +421,7 @@ def test_terminal_dashboard_of_the_recorded_failure(tmp_path):
     from nbdist.display.terminal import TerminalDisplay
 
     clock, console = Clock(), rich_console()
-    term = TerminalDisplay(console=console, clock=clock)
+    term = TerminalDisplay(console=console, clock=clock, show_after=0)
     term.start(make_job(tmp_path))
     term.output(0, "epoch 0 done\n 50%|#####     | 10/20\r")
     feed(term, recorded(), clock)
@@ -449,7 +449,7 @@ def test_terminal_redraws_at_most_ten_times_a_second(tmp_path):
     from nbdist.display.terminal import TerminalDisplay
 
     clock = Clock()
-    term = TerminalDisplay(console=rich_console(), clock=clock)
+    term = TerminalDisplay(console=rich_console(), clock=clock, show_after=0)
     redraws = []
     term.start(make_job(tmp_path))
     real_update = term._live.update
@@ -494,7 +494,7 @@ def test_terminal_groups_rows_by_host(tmp_path):
     from nbdist.display.terminal import TerminalDisplay
 
     clock = Clock()
-    term = TerminalDisplay(console=rich_console(), clock=clock)
+    term = TerminalDisplay(console=rich_console(), clock=clock, show_after=0)
     job, events = two_hosts(tmp_path)
     term.start(job)
     text = rendered(term)
@@ -548,8 +548,44 @@ def notebook(**kwargs):
     from nbdist.display.notebook import NotebookDisplay
 
     clock, out, publisher = Clock(), io.StringIO(), Recorder()
-    return NotebookDisplay(clock=clock, stream=out, publisher=publisher, **kwargs), \
+    return NotebookDisplay(clock=clock, stream=out, publisher=publisher,
+                           **{"show_after": 0, **kwargs}), \
         clock, out, publisher
+
+
+def test_a_task_over_before_show_after_gets_no_dashboard_and_a_long_one_does(tmp_path):
+    """A warm pool's quick task prints its output and draws nothing (as tqdm's delay);
+    a job still running after ``show_after`` gets its dashboard, with all it missed."""
+    from nbdist.display.notebook import NotebookDisplay
+    from nbdist.display.terminal import TerminalDisplay
+
+    quick = succeeded(steps=2)
+    nb, clock, out, publisher = notebook(show_after=0.5)
+    term = TerminalDisplay(console=rich_console(), clock=clock, show_after=0.5)
+    for display in (nb, term):
+        display.start(make_job(tmp_path))
+        display.output(0, "rank 0 says hi\n")
+    for each in quick:  # the whole task inside 0.4 s of the display's clock
+        clock.t += 0.4 / len(quick)
+        nb.event(each)
+        term.event(each)
+        nb.tick()
+        term.tick()
+    job = end(make_job(tmp_path), "succeeded", ["done", "done"], [0, 0])
+    nb.stop(job)
+    term.stop(job)
+    assert publisher.calls == [] and out.getvalue() == "rank 0 says hi\n"
+    printed = term.console.file.getvalue()
+    assert term._live is None and "rank 0 says hi" in printed
+    assert "job" not in printed  # no dashboard was drawn
+
+    nb, clock, out, publisher = notebook(show_after=0.5)
+    nb.start(make_job(tmp_path))
+    feed(nb, succeeded(), clock)  # 3 s of events: shown after 0.5 s
+    assert publisher.calls[:2] == ["begin", "show"]
+    nb.stop(end(make_job(tmp_path), "succeeded", ["done", "done"], [0, 0]))
+    assert publisher.calls[-2:] == ["update", "end"]
+    assert "loss" in publisher.shown[-1][1]["text/html"]  # the metrics before it showed
 
 
 def test_notebook_dashboard_of_the_recorded_failure(tmp_path):

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("nbdist.display")
 
 RENDER_INTERVAL = 0.1  # seconds: rich and widget displays redraw at most 10 times a second
+# seconds a job runs before its dashboard appears (as tqdm's ``delay``): a warm pool's
+# task that is over sooner shows its output, and no dashboard nobody could read
+SHOW_AFTER = 0.5
 
 
 class Display:

@@ -42,7 +42,7 @@ import ipywidgets as widgets
 
 from nbdist.display import busy
 from nbdist.display import html as h
-from nbdist.display.base import RENDER_INTERVAL, Display
+from nbdist.display.base import RENDER_INTERVAL, SHOW_AFTER, Display
 from nbdist.display.plain import PlainDisplay
 from nbdist.display.state import (LOG_TAIL_LINES, JobView, LogTail, RankView, log_path,
                                   log_tail)
@@ -187,9 +187,13 @@ _BAR_STYLES = {RankState.DONE: "success", RankState.FAILED: "danger",
 class NotebookDisplay(Display):
     def __init__(self, *, all_ranks: bool = False,
                  clock: Callable[[], float] = time.monotonic,
-                 stream: TextIO | None = None, publisher: Publisher | None = None):
+                 stream: TextIO | None = None, publisher: Publisher | None = None,
+                 show_after: float = SHOW_AFTER):
         super().__init__(all_ranks=all_ranks)
         self._clock = clock
+        self._show_after = show_after
+        self._began = 0.0
+        self._shown = False  # the dashboard is on screen (after ``show_after``)
         self._text = PlainDisplay(all_ranks=all_ranks, stream=stream)  # routes output
         self._publisher = publisher or IPythonPublisher()
         self.display_id = f"nbdist-{uuid.uuid4().hex}"
@@ -211,6 +215,14 @@ class NotebookDisplay(Display):
     def start(self, job: "Job") -> None:
         streamed = set(range(job.world_size)) if self.all_ranks else {0}
         self.view = JobView(job, streamed=streamed, clock=self._clock)
+        self._began = self._clock()
+        if self._show_after <= 0:
+            self._show()
+
+    def _show(self) -> None:
+        """Put the dashboard on screen; what happened before is in the view already."""
+        self._shown = True
+        job = self.view.job
         self._publisher.begin()
         self.header = widgets.HTML()
         self.rows = [RankRow.create(r.rank) for r in job.ranks]
@@ -219,6 +231,7 @@ class NotebookDisplay(Display):
         self.logs = LogView.create(job.world_size)
         self.box = widgets.VBox(
             layout=widgets.Layout(border="1px solid #ddd", padding="4px 8px", width="100%"))
+        self._chart_dirty = True  # metrics may have come before it showed
         self._render()
         bundle = dict(self.box._repr_mimebundle_() or {})
         # what a frontend without widgets shows while the job runs, and what a notebook
@@ -236,6 +249,9 @@ class NotebookDisplay(Display):
     def event(self, event: "Event") -> None:
         if self.view is None or not self.view.apply(event):
             return
+        if not self._shown:
+            self.tick()
+            return
         self._dirty = True
         if event.kind == EventKind.METRICS and event.rank == 0:
             self._chart_dirty = True
@@ -248,6 +264,10 @@ class NotebookDisplay(Display):
         if self.view is None or self._closed:
             return
         now = self._clock()
+        if not self._shown:
+            if now - self._began < self._show_after:
+                return
+            self._show()
         if now - self._last_log_read >= RENDER_INTERVAL:
             self._last_log_read = now
             self._follow_log()
@@ -259,6 +279,9 @@ class NotebookDisplay(Display):
     def stop(self, job: "Job") -> None:
         self._text.flush_output()
         if self.view is None or self._closed:
+            return
+        if not self._shown:  # over before it was worth a dashboard: its output is shown
+            self._closed = True
             return
         self.view.finish(job)
         self._chart_dirty = True
@@ -274,7 +297,7 @@ class NotebookDisplay(Display):
 
     def abandon(self) -> None:
         self._closed = True
-        if self.view is not None:
+        if self._shown:
             self._publisher.end()  # idempotent: stop() may have called it already
 
     # --- drawing ---------------------------------------------------------------------

@@ -29,7 +29,7 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.text import Text
 
-from nbdist.display.base import RENDER_INTERVAL, Display
+from nbdist.display.base import RENDER_INTERVAL, SHOW_AFTER, Display
 from nbdist.display.state import (LOG_SCALE_SPAN, JobView, LineBuffer, RankView,
                                   describe_failure, format_duration, format_metrics,
                                   format_value, progress_text)
@@ -59,10 +59,13 @@ BAR_STYLES = {RankState.DONE: "green", RankState.FAILED: "red", RankState.CRASHE
 
 class TerminalDisplay(Display):
     def __init__(self, *, all_ranks: bool = False, console: Console | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, show_after: float = SHOW_AFTER):
         super().__init__(all_ranks=all_ranks)
         self.console = console or Console()
         self._clock = clock
+        self._show_after = show_after
+        self._began = 0.0
+        self._over = False  # stopped: nothing is drawn any more
         self.view: JobView | None = None
         self._live: Live | None = None
         self._lines: dict[int, LineBuffer] = {}
@@ -74,6 +77,12 @@ class TerminalDisplay(Display):
         streamed = set(range(job.world_size)) if self.all_ranks else {0}
         self.view = JobView(job, streamed=streamed, clock=self._clock)
         self._lines = {r: LineBuffer() for r in sorted(streamed)}
+        self._began = self._clock()
+        if self._show_after <= 0:
+            self._show()
+
+    def _show(self) -> None:
+        """Start drawing the dashboard (a job over sooner shows its output only)."""
         self._live = Live(self.render(), console=self.console, auto_refresh=False,
                           transient=False)
         self._live.start()
@@ -96,25 +105,31 @@ class TerminalDisplay(Display):
         if self.view is None or not self.view.apply(event):
             return
         self._dirty = True
-        if event.kind == EventKind.STATUS and self.view.ranks[event.rank].bad:
+        if self._live is not None and event.kind == EventKind.STATUS \
+                and self.view.ranks[event.rank].bad:
             self._refresh()  # a failure is shown at once
         else:
             self.tick()
 
     def tick(self) -> None:
         if self._live is None:
-            return
+            if (self.view is None or self._over
+                    or self._clock() - self._began < self._show_after):
+                return
+            self._show()
         since = self._clock() - self._last_render
         if (self._dirty and since >= RENDER_INTERVAL) or since >= CLOCK_INTERVAL:
             self._refresh()
 
     def stop(self, job: "Job") -> None:
-        if self._live is None:
-            return
         for rank, buffer in self._lines.items():
             rest = buffer.flush()
             if rest:
                 self._print(rank, rest)
+        self._lines = {}
+        self._over = True
+        if self._live is None:  # over before it was worth a dashboard
+            return
         self.view.finish(job)
         self._refresh()
         self._live.stop()

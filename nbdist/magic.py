@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import keyword
 import re
 import sys
@@ -88,7 +89,7 @@ def _make_pool_magic():
         ``stacks`` shows where each rank is (its Python stack).
         """
         pool = SESSION.kernel_pool
-        usage = "usage: " + distributed.parser.format_usage().removeprefix("::\n\n  ")
+        usage = _Usage(distributed)
         try:
             args = parse_argstring(distributed, line)
         except (UsageError, ValueError) as exc:
@@ -123,6 +124,20 @@ def _make_pool_magic():
             print(_describe(pool))
 
     return distributed
+
+
+class _Usage:
+    """A magic's usage line, formatted only when an error shows it (argparse takes
+    longer to format it than a warm cell takes to run)."""
+
+    def __init__(self, magic):
+        self.magic = magic
+
+    def __str__(self) -> str:
+        return "usage: " + self.magic.parser.format_usage().removeprefix("::\n\n  ")
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
 
 
 def _start_pool(options: dict[str, Any], usage: str) -> None:
@@ -201,7 +216,7 @@ def _make_magic(shell):
                 ...
             state = model.module.state_dict()
         """
-        usage = "usage: " + distributed.parser.format_usage().removeprefix("::\n\n  ")
+        usage = _Usage(distributed)
         try:
             args = parse_argstring(distributed, line)
         except (UsageError, ValueError) as exc:  # ValueError: an unclosed quote
@@ -438,19 +453,28 @@ def _notebook_imports(shell, captured: dict[str, Any]) -> dict[str, tuple[str, .
     them before the cell: those of a package that the cell's values come from."""
     imported: dict[str, None] = {}
     for source in shell.user_ns.get("In", ()):
-        try:
-            tree = ast.parse(source)
-        except SyntaxError:
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                imported.update(dict.fromkeys(alias.name for alias in node.names))
-            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                imported[node.module] = None
+        imported.update(dict.fromkeys(_imports_of(source)))
     used = {_package_of(value) for value in captured.values()} - {None, "__main__"}
     loaded = [m for m in imported if m in sys.modules]
     return {"imports": tuple(m for m in loaded if m.partition(".")[0] in used),
             "not_imported": tuple(m for m in loaded if m.partition(".")[0] not in used)}
+
+
+@functools.lru_cache(maxsize=4096)
+def _imports_of(source: str) -> tuple[str, ...]:
+    """The modules a cell's source imports (absolute imports); each cell is parsed once,
+    not at every %%distributed cell of a long notebook."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return ()
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.append(node.module)
+    return tuple(found)
 
 
 def _package_of(value: Any) -> str | None:

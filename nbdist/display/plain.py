@@ -99,6 +99,8 @@ class PlainDisplay(Display):
 
     def flush_output(self) -> None:
         """Write out the unterminated last lines kept back for prefixing."""
+        if not self._partial:
+            return
         for rank, text in sorted(self._partial.items()):
             self.stream.write(f"[rank {rank}] {text}\n")
         self._partial.clear()

@@ -26,6 +26,10 @@ pool       a cold ``run_distributed`` noop job, run between the pool's starts; f
 hosts      several machines over ssh (``multihost.py``): a torchrun agent per
            host started by hand; ssh's own throughput; the same job on one
            machine. Skipped, with the reason, when the hosts cannot be reached
+warm       a warm ``%%distributed`` cell in a real Jupyter kernel, interleaved
+           cell by cell with ipyparallel's ``%%px`` and jupyter-distributed in
+           kernels of their own (``warm_peers.py``; the peers only if installed);
+           noop tasks on a warm pool, in the kernel and in a plain script (issue 18)
 =========  ==================================================================
 
 The nbdist side runs in this process, like a notebook kernel: torch and nbdist are
@@ -96,6 +100,10 @@ class Config:
     hosts_scale: tuple[int, ...] = (2, 4, 6)  # hosts x 1 rank
     hosts_scale_rounds: int = 2
     hosts_log_pairs: int = 3  # of log_lines
+    # warm cells in real kernels, nbdist beside its peers (warm_peers.py)
+    warm_cells: int = 50  # interleaved rounds measured, one cell of each tool per round
+    warm_warmup: int = 5  # rounds run first and dropped
+    warm_noop_tasks: int = 200  # pool.run(noop) in the kernel, and in a plain script
 
     @classmethod
     def make(cls, quick: bool) -> "Config":
@@ -108,7 +116,8 @@ class Config:
                    pool_failure_pairs=1, pool_leak_tasks=10, hosts_launch_pairs=1,
                    hosts_pool_pairs=1, hosts_pool_warm_tasks=2,
                    hosts_payload_bytes=8 * MiB, hosts_payload_pairs=1, hosts_scale=(2,),
-                   hosts_scale_rounds=1, hosts_log_pairs=1)
+                   hosts_scale_rounds=1, hosts_log_pairs=1, warm_cells=3,
+                   warm_warmup=1, warm_noop_tasks=10)
 
 
 @dataclass
@@ -678,6 +687,12 @@ def bench_hosts(cfg: Config) -> list[Row]:
     return multihost.bench_hosts(cfg, sys.modules[__name__])
 
 
+def bench_warm(cfg: Config) -> list[Row]:
+    """Warm cells in real kernels, beside ipyparallel and jupyter-distributed."""
+    import warm_peers
+    return warm_peers.bench_warm(cfg, sys.modules[__name__])
+
+
 BENCHES = {
     "launch": bench_launch,
     "result": bench_result,
@@ -688,6 +703,7 @@ BENCHES = {
     "track": bench_track,
     "pool": bench_pool,
     "hosts": bench_hosts,
+    "warm": bench_warm,
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -20,7 +21,11 @@ MEASURES = ("cold launch", "return a 8 MiB state dict: time", "caller's peak mem
             "import nbdist",
             # the pool group (issue 12)
             "noop task on a warm 2-rank pool", "pool start", "tensor from a warm task",
-            "after a failed-but-healthy task", "warm noop tasks back to back")
+            "after a failed-but-healthy task", "warm noop tasks back to back",
+            # warm cells in a real kernel (warm_peers.py), nbdist's side: the peers are
+            # optional and not run here (NBDIST_BENCH_PEERS=none), to keep this short
+            "warm `%%distributed` + `pass`, default options", "warm `%%distributed --quiet`",
+            "inside the kernel (the %distributed pool)", "in a plain script")
 # several machines (benchmarks/multihost.py): skipped where the ssh hosts are not up
 HOST_MEASURES = ("launch on 2 hosts × 2 ranks over ssh", "warm 2 hosts × 2 ranks pool",
                  "pool start: Pool() and its first", "tensor argument to 2 hosts",
@@ -32,7 +37,8 @@ def test_quick_benchmarks_run_and_print_the_table(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--json", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, NBDIST_BENCH_PEERS="none"))
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
@@ -50,6 +56,16 @@ def test_quick_benchmarks_run_and_print_the_table(tmp_path):
     assert "NOT kept" not in failed["nbdist"], failed  # the health check kept the pool
     leaks = next(r for m, r in rows.items() if "back to back" in m)
     assert "+0 processes" in leaks["nbdist"], leaks  # the pool's 3 processes, no more
+
+    # warm cells: the kernel ran them (a time, not an error), the peers said why not
+    warm = [r for m, r in rows.items() if m.startswith("warm `%%distributed")
+            or m.startswith("noop task on a warm 2-rank pool, pool.run")]
+    assert len(warm) == 4, rows.keys()
+    for row in warm:
+        assert re.match(r"[\d.]+ ms \(", row["nbdist"]), row
+    peers = [r for m, r in rows.items() if m.startswith("peer: ")]
+    assert len(peers) == 2 and all("not run" in r["baseline"] for r in peers), peers
+    assert not any("left behind" in m for m in rows), rows.keys()
 
     skipped = [m for m in rows if m.startswith("several machines") and "skipped" in m]
     assert not (skipped and os.environ.get("CI")), rows[skipped[0]]  # CI needs its hosts

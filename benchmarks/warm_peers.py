@@ -152,8 +152,11 @@ class KernelSession:
             if left <= 0:
                 raise KernelTimeout(f"{self.name}: no reply within {timeout:.0f} s to "
                                     f"{code.splitlines()[0]!r}")
-            ready = dict(self.poller.poll(max(1, int(left * 1000))))
+            ready = dict(self.poller.poll(max(1, int(min(left, 1.0) * 1000))))
             now = time.perf_counter()
+            if not ready and not self.km.is_alive():
+                raise KernelTimeout(f"{self.name}: the kernel died during "
+                                    f"{code.splitlines()[0]!r}")
             if self.shell in ready:
                 while self.shell.poll(0):
                     msg = self.kc.shell_channel.get_msg(timeout=0)

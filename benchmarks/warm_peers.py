@@ -432,11 +432,11 @@ def interleave(tools: list[Tool], rounds: int, warmup: int, log) -> None:
 
 NOOP_LOOP = """\
 import json as _json, time as _time, workloads as _workloads
-from nbdist import magic as _magic
+from nbdist.session import SESSION as _SESSION
 _times = []
 for _i in range({warmup} + {n}):
     _start = _time.perf_counter()
-    _magic._pool.run(_workloads.noop, display="none")
+    _SESSION.kernel_pool.run(_workloads.noop, display="none")
     _times.append(_time.perf_counter() - _start)
 print(_json.dumps(_times[{warmup}:]))
 """

@@ -48,6 +48,7 @@ import cloudpickle
 
 from nbdist.errors import PicklingError
 from nbdist.jobdir import atomic_path, check_private, write_bytes_atomic
+from nbdist.torchimport import import_torch
 
 LARGE_PAYLOAD_BYTES = 1 << 30
 INLINE_BYTES = 1 << 20  # a result value up to this size travels inside its index
@@ -125,6 +126,7 @@ def _is_ddp(obj: Any) -> bool:
 
 @functools.cache
 def _ddp_class() -> type:
+    import_torch()  # brings torch.nn.parallel
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel
@@ -149,12 +151,8 @@ def dump(obj: Any, path: Path, *, on_pickled: Callable[[], None] | None = None,
     pickling error, but before the tensors' bytes are written: ``torch.save`` pickles
     into memory with ``pickle_module.Pickler`` first and writes the storages after.
     """
-    data = _plain_pickle(obj, pickler)
-    if data is not None:
-        (on_pickled or (lambda: None))()
-        write_bytes_atomic(path, data, durable=False)
-        return len(data)
-    import torch
+from nbdist.jobdir import atomic_path, check_private, write_bytes_atomic
+from nbdist.torchimport import import_torch
 
     pickle_module = _pickle_module(pickler, on_pickled or (lambda: None))
     with atomic_path(path, durable=False) as tmp, _without_crc32(torch):
@@ -209,7 +207,7 @@ def load(path: Path) -> Any:
         if f.read(len(_ZIP)) != _ZIP:
             f.seek(0)
             return pickle.load(f)
-    import torch
+    torch = import_torch()
 
     return torch.load(path, weights_only=False, mmap=True, map_location="cpu")
 
@@ -354,7 +352,7 @@ def to_cpu(obj: Any) -> Any:
 
     Modules are left where they are: the caller loads their tensors onto the CPU.
     """
-    import torch
+    torch = import_torch()
     from torch.nn.parallel import DistributedDataParallel
 
     if isinstance(obj, DistributedDataParallel):

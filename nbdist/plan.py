@@ -19,6 +19,7 @@ from typing import Any, Sequence
 from nbdist import frameworks
 from nbdist.errors import InvalidArgumentError
 from nbdist.protocol import Spec
+from nbdist.torchimport import import_torch
 
 ENV_SSH_OPTIONS = "NBDIST_SSH_OPTIONS"
 SLURM_KEYS = ("nodes", "partition", "time", "account", "args")
@@ -337,6 +338,6 @@ def _check_gpus(device_ids: list[int], gpus: Any, nprocs: int | None, *, local: 
 
 
 def _cuda_count() -> int:
-    import torch
+    torch = import_torch()
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO
+from kernel_util import Kernel, kernel_manager
 
 RESULT = "RESULT "
 
@@ -181,3 +182,41 @@ def test_once_imported_the_handler_is_left_alone(fake_torch):
     # one signal from the first import, one from the thread's (delivered unheld)
     assert result == {"signals": 2, "again": True, "thread": True}
 
+
+# --- the same in a real kernel: the stop button during a first %%distributed cell ---
+
+def wait_until_mapped(pid: int, library: str, timeout: float = 120) -> None:
+    """Wait until process ``pid`` has loaded ``library``: torch's import is under way.
+
+    A fixed delay does not land there reliably: a kernel spends 0.1-0.4 s in the magic
+    (and its displays) before the cell's job imports torch.
+    """
+    maps = Path(f"/proc/{pid}/maps")
+    deadline = time.monotonic() + timeout
+    while library not in maps.read_text():
+        assert time.monotonic() < deadline, f"{library} not loaded in {timeout}s"
+        time.sleep(0.005)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/maps")
+def test_stop_during_a_first_cell_keeps_the_kernel(tmp_path):
+    km = kernel_manager(tmp_path / "kernelspec")
+    km.start_kernel(cwd=str(tmp_path))  # inherits the test's NBDIST_HOME
+    kernel = Kernel(km)
+    try:
+        kernel.run("%load_ext nbdist\nimport sys")
+        assert kernel.value("'torch' in sys.modules") is False
+        pending = kernel.submit("%%distributed --nprocs 2\nx = 1")
+        wait_until_mapped(km.provisioner.pid, "libtorch")
+        km.interrupt_kernel()  # unheld, this cut torch's import in two every time
+        reply = pending.result(timeout=120)
+        assert reply.ename == "KeyboardInterrupt", reply
+        assert kernel.value("'torch' in sys.modules") is True  # whole, not half
+
+        reply = kernel.execute("%%distributed --nprocs 2 --quiet\nanswer = world_size * 21",
+                               timeout=180)
+        assert reply.status == "ok", reply
+        assert kernel.value("answer") == 42
+    finally:
+        kernel.shutdown()

@@ -151,9 +151,12 @@ def dump(obj: Any, path: Path, *, on_pickled: Callable[[], None] | None = None,
     pickling error, but before the tensors' bytes are written: ``torch.save`` pickles
     into memory with ``pickle_module.Pickler`` first and writes the storages after.
     """
-from nbdist.jobdir import atomic_path, check_private, write_bytes_atomic
-from nbdist.torchimport import import_torch
-
+    data = _plain_pickle(obj, pickler)
+    if data is not None:
+        (on_pickled or (lambda: None))()
+        write_bytes_atomic(path, data, durable=False)
+        return len(data)
+    torch = import_torch()
     pickle_module = _pickle_module(pickler, on_pickled or (lambda: None))
     with atomic_path(path, durable=False) as tmp, _without_crc32(torch):
         torch.save(obj, tmp, pickle_module=pickle_module)
@@ -208,7 +211,6 @@ def load(path: Path) -> Any:
             f.seek(0)
             return pickle.load(f)
     torch = import_torch()
-
     return torch.load(path, weights_only=False, mmap=True, map_location="cpu")
 
 

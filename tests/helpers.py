@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import os
 import subprocess
 import sys
@@ -14,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from nbdist.jobdir import EVENTS
+from nbdist.protocol import Status, decode_event
 
 from conftest import kill_caller
 
@@ -26,14 +28,19 @@ def job_dirs(home: str) -> list[Path]:
 
 
 def rank_states(job_dir: Path) -> dict[int, dict]:
-    """Latest status event (state, pid, ...) of each rank of a job, read from its files."""
-    states = {}
-    for path in job_dir.glob("events-rank-*.jsonl"):
-        rank = int(path.stem.split("-")[-1])
-        for line in path.read_text().splitlines():
-            event = json.loads(line)
-            if event["kind"] == "status":
-                states[rank] = {**states.get(rank, {}), **event}
+    """Latest status of each rank of a job (state, and pid and host from its first
+    event), read from its events files as the caller does."""
+    states: dict[int, dict] = {}
+    for path in job_dir.iterdir():
+        found = EVENTS.fullmatch(path.name)
+        if not found:
+            continue
+        rank = int(found.group(1))
+        for line in path.read_bytes().splitlines():
+            event = decode_event(rank, line)
+            if event is not None and isinstance(event.body, Status):
+                fields = {k: v for k, v in vars(event.body).items() if v is not None}
+                states[rank] = {**states.get(rank, {}), **fields}
     return states
 
 

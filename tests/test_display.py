@@ -556,7 +556,6 @@ def notebook(**kwargs):
 def test_a_task_over_before_show_after_gets_no_dashboard_and_a_long_one_does(tmp_path):
     """A warm pool's quick task prints its output and draws nothing (as tqdm's delay);
     a job still running after ``show_after`` gets its dashboard, with all it missed."""
-    from nbdist.display.notebook import NotebookDisplay
     from nbdist.display.terminal import TerminalDisplay
 
     quick = succeeded(steps=2)

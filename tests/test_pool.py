@@ -170,7 +170,11 @@ def test_an_interrupt_reaches_the_ranks_and_the_pool_survives_unless_they_cannot
         assert "[nbdist] every rank stopped its task; the pool is still up" in \
             "\n".join(info.value.__notes__)
         assert ranks_pids(pool) == pids and pool.alive
-        assert nbdist.last_job().status == "interrupted"
+        interrupted = nbdist.last_job()
+        assert interrupted.status == "interrupted"
+        # the ranks stopped their task on request: not "failed"
+        assert [r.state for r in interrupted.ranks] == ["stopped", "stopped"], interrupted
+        assert "2 stopped" in repr(nbdist.jobs()).splitlines()[1]
         assert pool.run(whoami, display="none")["world"] == 2
 
         # rank 0 waits in C++ (a collective), where no KeyboardInterrupt can reach it

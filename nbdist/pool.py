@@ -72,6 +72,8 @@ class Pool:
     for :func:`nbdist.run_distributed` (``nprocs``/``gpus`` then count per host).
     The pool dies with this process, on :meth:`close`, and when one of its ranks
     crashes or one of its hosts is lost; the next :meth:`run` then starts a new one.
+    ``clock`` is what its timeouts and grace periods count in: for tests, as
+    :class:`~nbdist.supervise.Supervisor`'s.
     """
 
     def __init__(self, nprocs: int | None = None, *,
@@ -80,12 +82,14 @@ class Pool:
                  init_timeout: float | None = api.DEFAULT_INIT_TIMEOUT, debug: bool = False,
                  hosts: str | Sequence[str] | None = None,
                  ssh_options: Sequence[str] | None = None,
-                 slurm: dict[str, Any] | bool | None = None):
+                 slurm: dict[str, Any] | bool | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.plan = plan_launch(nprocs=nprocs, gpus=gpus, backend=backend, timeout=None,
                                 init_timeout=init_timeout, hosts=hosts,
                                 ssh_options=ssh_options, slurm=slurm)
         warn_if_caller_gpu(self.plan)
         self.persist = persist
+        self.clock = clock  # a fake one in the fast tests: a 2 s grace then takes no time
         self.env = debug_env(env, debug)
         self.options = {"nprocs": nprocs, "gpus": gpus, "backend": backend, "debug": debug,
                         "hosts": hosts, "ssh_options": ssh_options, "slurm": slurm}
@@ -223,7 +227,8 @@ class Pool:
         self._dir = pool
         self._ranks = api.new_job(pool, self.plan, False)
         self._watch = Supervisor(self.launch, self._ranks, displays.create("none"),
-                                 Limits(init_timeout=self.plan.init_timeout))
+                                 Limits(init_timeout=self.plan.init_timeout),
+                                 clock=self.clock)
         self.tasks = 0
         self.kept_names = set()
 
@@ -277,7 +282,7 @@ class Pool:
         return task, api.new_job(task, self.plan, return_all, pool=self._dir.id)
 
     def _outcome(self, job: Job, view: displays.Display, limits: Limits) -> Any:
-        watch = Supervisor(self.launch, job, view, limits)
+        watch = Supervisor(self.launch, job, view, limits, clock=self.clock)
         try:
             with SESSION.following(self.launch):
                 code = watch.follow(TaskOver(FAILURE_GRACE))
@@ -321,7 +326,7 @@ class Pool:
             return
         try:
             self.launch.signal(signal.SIGINT)
-            watch = Supervisor(self.launch, job, displays.create("none"))
+            watch = Supervisor(self.launch, job, displays.create("none"), clock=self.clock)
             if self._wait_reported(watch, INTERRUPT_GRACE) and self._healthy():
                 exc.add_note("[nbdist] every rank stopped its task; " + KEPT[9:])
                 return
@@ -348,7 +353,7 @@ class Pool:
             api.write_payload(task, check_health, (), {}, on_pickled=lambda: None)
             self.launch.post(task, False)
             watch = Supervisor(self.launch, job, displays.create("none"),
-                               Limits(timeout=HEALTH_TIMEOUT))
+                               Limits(timeout=HEALTH_TIMEOUT), clock=self.clock)
             if watch.follow(every_rank_reported) is not None or not all(
                     r.state == RankState.DONE for r in job.ranks):
                 return False

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 HERE = Path(__file__).parent
@@ -22,11 +23,27 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.fast)
 
 
+@pytest.fixture(autouse=True)
+def nbdist_home(tmp_path, monkeypatch):
+    """tests/conftest.py's, lighter: a private ``NBDIST_HOME``, and no process left
+    behind. Nothing here starts ranks, so a leftover can only be a child of this
+    process (a relay): one look at those, not a scan of every process per job folder."""
+    home = str(tmp_path / "nbdist-home")
+    monkeypatch.setenv("NBDIST_HOME", home)
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    yield home
+    left = [child for child in psutil.Process().children(recursive=True)
+            if child.pid not in before and child.status() != psutil.STATUS_ZOMBIE]
+    for child in left:  # clean up for the next test, but still fail this one
+        child.kill()
+    assert not left, f"processes left behind: {left}"
+
+
 @pytest.fixture(scope="package", autouse=True)
 def no_torch_imported():
-    """Fails the folder's last test if anything in it imported torch. Run after another
-    tier that imported torch already, it cannot tell: test_no_torch.py checks that in a
-    fresh process."""
+    """Fails the folder's last test if torch was imported while its tests ran (by
+    unpickling a payload, say). Imports at collection, and a session where another
+    tier imported torch first, are test_no_torch.py's to catch, in a fresh process."""
     before = "torch" in sys.modules
     yield
     if not before:

@@ -20,7 +20,8 @@ from nbdist.errors import InitTimeoutError, JobTimeoutError, WorkerCrashedError
 from nbdist.states import JobState, RankState
 from nbdist.supervise import POLL
 
-from .fakes import Crash, Done, FakeClock, FakeLaunch, Fail, Hang, Say, Sleep, Started
+from .fakes import (Crash, Done, FakeClock, FakeLaunch, Fail, Hang, Joined, Say, Sleep,
+                    Started)
 
 
 def work(*args, **kwargs):
@@ -264,3 +265,12 @@ def test_close_asks_the_ranks_to_leave_and_removes_the_pool_folder(make_pool, la
     pool.close()  # idempotent
     with pytest.raises(nbdist.InvalidArgumentError, match="closed"):
         pool.run(work, display="none")
+
+
+def test_an_interrupt_while_the_ranks_start_tears_the_pool_down(make_pool, launches, clock):
+    pool = make_pool(startup={0: [Started(), Sleep(5), Joined()]}, interrupt_at=clock() + 1)
+    with pytest.raises(KeyboardInterrupt) as info:
+        pool.run(work, display="none")
+    assert pools.LOST in notes(info.value)
+    assert launches.last.signals == []  # nothing to ask: no rank serves tasks yet
+    assert launches.last.kills >= 1 and not pool.alive

@@ -16,12 +16,13 @@ import pytest
 
 import nbdist
 from nbdist import pool as pools
+from nbdist.display import Display
 from nbdist.errors import InitTimeoutError, JobTimeoutError, WorkerCrashedError
 from nbdist.states import JobState, RankState
 from nbdist.supervise import POLL
 
-from .fakes import (Crash, Done, FakeClock, FakeLaunch, Fail, Hang, Joined, Say, Sleep,
-                    Started)
+from .fakes import (Crash, Done, FakeClock, FakeLaunch, Fail, Hang, Joined,
+                    RecordingDisplay, Say, Sleep, Started)
 
 
 def work(*args, **kwargs):
@@ -274,3 +275,30 @@ def test_an_interrupt_while_the_ranks_start_tears_the_pool_down(make_pool, launc
     assert pools.LOST in notes(info.value)
     assert launches.last.signals == []  # nothing to ask: no rank serves tasks yet
     assert launches.last.kills >= 1 and not pool.alive
+
+
+def test_the_view_shows_the_ranks_start_then_the_task(make_pool, monkeypatch):
+    views = []
+
+    def create(mode="auto", *, all_ranks=False):
+        views.append(RecordingDisplay(all_ranks=all_ranks) if mode == "auto" else Display())
+        return views[-1]
+
+    monkeypatch.setattr(nbdist.display, "create", create)
+    pool = make_pool(tasks=[{0: [Say("step 1\n"), Sleep(1), Say("step 2\n"), Done(3)]},
+                            {0: [Say("again\n"), Done(4)]}])
+    assert pool.run(work) == 3
+    first = next(v for v in views if isinstance(v, RecordingDisplay))
+    job = nbdist.last_job()
+    assert first.text(0) == "step 1\nstep 2\n"
+    assert [call[0] for call in first.calls if call[0] in ("start", "stop")] == [
+        "start", "stop"]
+    assert first.of("start") == [(job,)] and first.of("stop") == [(job,)]
+    shown = [(e.rank, e.body.state) for (e,) in first.of("event") if e.rank == 0]
+    assert shown == [(0, RankState.STARTING), (0, RankState.JOINING), (0, RankState.READY),
+                     (0, RankState.RUNNING), (0, RankState.DONE)]
+    assert pool.run(work) == 4
+    second = [v for v in views if isinstance(v, RecordingDisplay)][1]
+    assert second.text(0) == "again\n"  # only this task's output
+    assert [(e.rank, e.body.state) for (e,) in second.of("event") if e.rank == 0] == [
+        (0, RankState.RUNNING), (0, RankState.DONE)]  # the ranks were up already

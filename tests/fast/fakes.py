@@ -154,12 +154,15 @@ class _Rank:
         self.hang: Hang | None = None
         self.post: tuple[float, list] | None = None  # the newest post not taken yet
 
-    def runnable(self, now: float) -> bool:
+    def take_post(self) -> None:
+        """Once free, start on the newest post (as a rank reads its FIFO)."""
         if not self.steps and self.post is not None and self.ready and self.task is None:
             posted_at, steps = self.post
             self.post = None
             self.at = max(self.at, posted_at)
             self.steps.extend(steps)
+
+    def runnable(self, now: float) -> bool:
         return self.alive and self.hang is None and bool(self.steps) and self.at <= now
 
     @property
@@ -266,6 +269,8 @@ class FakeLaunch:
     def _play(self) -> None:
         now = self.clock()
         while self.exitcode is None:
+            for rank in self.ranks:
+                rank.take_post()
             runnable = [r for r in self.ranks if r.runnable(now)]
             if not runnable:
                 return

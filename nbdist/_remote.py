@@ -39,7 +39,7 @@ from nbdist.jobdir import JOB_ID, JobDir, host_dir
 from nbdist.launch.local import Launch, Rendezvous
 from nbdist.launch.relay import TO_HOSTS, Mirror, Sink, Wire
 from nbdist.protocol import (VERSION, Exit, Fail, Hello, Kill, Message, Modules, Port,
-                             PostTask, ProtocolError, Ready, Signal, Start)
+                             PostTask, ProtocolError, Ready, Signal, Start, VersionMismatch)
 
 SCAN_FAST = 0.002  # seconds between scans right after something happened ...
 SCAN_IDLE = 0.02  # ... growing to this while nothing does (events ring the bell anyway)
@@ -60,6 +60,7 @@ class Relay:
         self.folder.path.mkdir(mode=0o700)
         self.folder.relay_pid.write_text(str(os.getpid()))
         self.tasks: dict[str, JobDir] = {}  # a pool's task folders, by task id
+        self.posted: list[str] = []  # the task posted last (its folder goes with the next)
         self._tasks_lock = threading.Lock()  # the reader thread makes them
         self.launch: Launch | None = None
         self.mirror = Mirror(wire)
@@ -156,16 +157,20 @@ class Relay:
         key = message.task
         with self._tasks_lock:
             task = self.tasks.get(key) if key else None
-            done = [k for k in self.tasks if k != key]
         if key and task is None:
             print(f"relay: task {key} came without its payload; ignored", file=sys.stderr)
             return
+        # the task posted before this one is over; a payload the reader thread wrote
+        # meanwhile for a later post is not
+        done, self.posted = self.posted, [key] if key else []
         if task is not None:
             self.mirror.watch(key, task.path)
         for old in done:
             self.mirror.forget(old)  # the previous task: its last output is sent
             with self._tasks_lock:
-                shutil.rmtree(self.tasks.pop(old).path, ignore_errors=True)
+                folder = self.tasks.pop(old, None)
+            if folder is not None:
+                shutil.rmtree(folder.path, ignore_errors=True)
         if self.launch is not None:
             self.launch.post(task, message.return_all, stop=message.stop)
 
@@ -245,9 +250,7 @@ def _mismatch(hello: Hello) -> str | None:
 
     here = tuple(sys.version_info[:2])
     if hello.version != VERSION:
-        return (f"the caller speaks nbdist's protocol version {hello.version}, this "
-                f"host's nbdist {nbdist.__version__} version {VERSION}: install the same "
-                f"nbdist on every host")
+        return _version_mismatch(hello.version)
     if tuple(hello.python) != here:
         return (f"{sys.executable} is Python {here[0]}.{here[1]} here, the caller runs "
                 f"{hello.python[0]}.{hello.python[1]}: pickled functions need the "
@@ -256,6 +259,13 @@ def _mismatch(hello: Hello) -> str | None:
         return (f"nbdist {nbdist.__version__} is installed here, the caller runs "
                 f"{hello.nbdist}: install the same version on every host")
     return None
+
+
+def _version_mismatch(version: object) -> str:
+    import nbdist
+
+    return (f"the caller speaks nbdist's protocol version {version}, this host's nbdist "
+            f"{nbdist.__version__} version {VERSION}: install the same nbdist on every host")
 
 
 def _my_address(label: str, via: str) -> str:
@@ -322,6 +332,9 @@ def main() -> int:
     wire = Wire(sys.stdin.buffer, link)
     try:
         hello = wire.receive()
+    except VersionMismatch as exc:  # a newer (or older) caller: say which versions
+        wire.send(Fail(_version_mismatch(exc.version)))
+        return 1
     except ProtocolError as exc:  # another nbdist's caller, or not nbdist at all
         hello = exc
     if hello is None:

@@ -40,6 +40,15 @@ class ProtocolError(ValueError):
     """Bytes that are not a record or message of this version."""
 
 
+class VersionMismatch(ProtocolError):
+    """A :class:`Hello` of another protocol version: its other fields may not be ours
+    to read, so only the version is."""
+
+    def __init__(self, version: Any):
+        super().__init__(f"the caller speaks protocol version {version}, this end {VERSION}")
+        self.version = version
+
+
 def _json(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
@@ -179,6 +188,8 @@ def decode_event(rank: int, line: bytes) -> Event | None:
     """The event of one line; None for a line of a kind (or version) not known here."""
     try:
         fields = json.loads(line)
+        if not isinstance(fields, dict):  # valid JSON, but no event (a torn or stray line)
+            return None
         cls = _BODIES[fields.pop("kind")]
         at = float(fields.pop("time"))
         known = {f.name for f in dataclasses.fields(cls)}
@@ -406,6 +417,8 @@ def decode_message(header_line: bytes, body: bytes) -> Message:
         fields = json.loads(header_line)
         cls = _MESSAGES[fields.pop("op")]
         fields.pop("size")
+        if cls is Hello and fields.get("version") != VERSION:
+            raise VersionMismatch(fields.get("version"))  # before its fields are read
         if cls is Hello:
             fields["spec"] = Spec(**{**fields["spec"],
                                      "sys_path": tuple(fields["spec"]["sys_path"])})
@@ -413,6 +426,8 @@ def decode_message(header_line: bytes, body: bytes) -> Message:
         if "body" in {f.name for f in dataclasses.fields(cls)}:
             fields["body"] = body
         return cls(**fields)
+    except VersionMismatch:
+        raise
     except (ValueError, KeyError, TypeError) as exc:
         raise ProtocolError(f"not a message of protocol version {VERSION}: "
                             f"{header_line[:200]!r}") from exc

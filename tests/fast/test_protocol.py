@@ -118,10 +118,6 @@ def test_unknown_fields_of_a_known_kind_are_ignored():
     assert decode_event(1, line) == Event(1, 2.0, Status(RankState.READY))
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "BUG: decode_event catches ValueError/KeyError/TypeError, but a line that is valid "
-    "JSON and neither an object nor a list (a number, true, null) raises "
-    "AttributeError on fields.pop, out of ChannelReader.poll and the supervision loop"))
 @pytest.mark.parametrize("line", [b"3\n", b"true\n", b"null\n"])
 def test_a_json_line_that_is_not_an_object_decodes_to_none(line):
     assert decode_event(0, line) is None

@@ -131,13 +131,6 @@ def test_a_hello_of_another_protocol_version_is_refused_naming_both(relay):
     assert f"version {VERSION}:" in reason
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the relay decodes the whole Hello before it looks at its version, so a newer "
-    "caller's Hello with a field this version lacks (the usual reason to bump VERSION) "
-    "fails decode_message and is refused as 'the caller's first message must be the "
-    "job (protocol version 1); got not a message of protocol version 1: <raw header>', "
-    "not with _mismatch's 'the caller speaks nbdist's protocol version 2, this host's "
-    "... version 1'"))
 def test_a_newer_hello_with_a_new_field_is_refused_naming_both_versions(relay):
     header, body = encode_message(hello(version=VERSION + 1))
     header = header.replace(b'"via":"ssh"', b'"via":"ssh","gpus_per_host":8')
@@ -465,13 +458,6 @@ def test_the_relay_removes_a_pool_task_folder_once_its_last_output_was_sent(nbdi
     assert sent == [(FIRST, b"first's last words\n")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LATENT BUG: Relay.post removes every task folder but the posted one, also one whose "
-    "payload the reader thread already wrote for a post still in the inbox. The caller "
-    "sends payload A, post A, payload B, post B in that order, but the reader thread "
-    "writes B's payload before the main loop handles post A (it looks every 2-20 ms), so "
-    "B's folder goes and post B is ignored as 'came without its payload'. Today's caller "
-    "never posts B before every rank reported A, so it cannot happen yet"))
 def test_a_payload_that_arrived_before_an_earlier_post_was_handled_is_kept(nbdist_home):
     with host_relay() as (host, loop):
         send_payload(host, FIRST)

@@ -28,7 +28,8 @@ def test_pool_notebook_loads_once_trains_in_two_cells_and_evaluates(tmp_path, nb
     assert not [out for out in outputs if out.output_type == "error"], outputs
     text = "\n".join(out.get("text", "") for out in outputs)
 
-    assert "[nbdist] pool started: 2 ranks, gloo, persist" in text, text
+    assert re.search(r"\[nbdist\] pool ready in [\d.]+ s: 2 ranks \(pids \d+, \d+\), gloo, "
+                     r"persist", text), text
     # each rank built its own half of the data once, in the pool's processes
     pids = [re.search(rf"\[rank {r}\] pid (\d+): 1000 of 2000 images", text).group(1)
             for r in (0, 1)]

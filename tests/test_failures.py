@@ -198,8 +198,8 @@ def test_fault(fault, record_property):
         # an exception leaves an error record, a crash none
         assert (record is None) == (expected is nbdist.WorkerCrashedError), record
         if record is not None:  # bound from the raise to the caller's error
-            record_property("seconds_from_raise_to_error", round(ended - record["time"], 2))
-            assert ended - record["time"] <= bound
+            record_property("seconds_from_raise_to_error", round(ended - record.time, 2))
+            assert ended - record.time <= bound
     record_property("seconds_total", round(ended - started, 2))
     if "timeout" in options:
         assert options["timeout"] <= ended - started <= options["timeout"] + bound

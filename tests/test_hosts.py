@@ -307,7 +307,9 @@ def test_a_host_that_cannot_write_the_modules_is_named_with_why(ssh_hosts, monke
 @pytest.mark.slow
 def test_a_timeout_on_two_hosts_shows_where_every_rank_was(ssh_hosts):
     with pytest.raises(nbdist.JobTimeoutError) as caught:
-        nbdist.run_distributed(sleep_forever, **on_hosts(timeout=8))
+        # past the start of 4 ranks on 2 shared cores (9-10 s on a slow day), so that
+        # every rank is in the function when the time runs out
+        nbdist.run_distributed(sleep_forever, **on_hosts(timeout=20))
     where = caught.value.stacks  # the dumps came back through each host's relay
     for rank in range(4):
         assert f"rank {rank}: at " in where and "time.sleep(600)" in where
@@ -318,7 +320,7 @@ def test_a_timeout_on_two_hosts_shows_where_every_rank_was(ssh_hosts):
 def test_ranks_that_never_join_are_named_with_their_host(ssh_hosts):
     with pytest.raises(nbdist.InitTimeoutError) as caught:
         nbdist.run_distributed(lambda x: None, StallWhenUnpickled("NBDIST_HOST", "host2"),
-                               **on_hosts(init_timeout=8))
+                               **on_hosts(init_timeout=20))  # host1's ranks join by then
     assert caught.value.missing_ranks == [2, 3] and caught.value.hosts == ["host2"]
     assert str(caught.value).startswith("ranks [2, 3] on host2 did not join")
     assert "_stall_where" in caught.value.stacks  # where they were, from host2

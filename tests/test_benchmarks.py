@@ -79,6 +79,7 @@ def test_quick_benchmarks_run_and_print_the_table(tmp_path):
         assert logs["nbdist"].startswith("100 %"), logs
 
 
+@pytest.mark.slow
 def test_gpu_check_says_no_gpu_and_checks_nothing_without_one(tmp_path):
     """``benchmarks/gpu_check.py`` is run by hand on a lent GPU machine; on a machine
     without one it must say so and succeed, not fail every row."""

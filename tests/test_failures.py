@@ -305,6 +305,7 @@ def _kill_agent_when_running(home):
     agents()[0].kill()
 
 
+@pytest.mark.slow
 def test_killed_torchrun_is_an_error_and_leaves_no_worker(nbdist_home, record_property):
     threading.Thread(target=_kill_agent_when_running, args=(nbdist_home,),
                      daemon=True).start()

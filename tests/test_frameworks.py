@@ -104,6 +104,7 @@ def test_on_rank_is_cheap_and_patches_a_module_when_it_is_imported(tmp_path, mon
 
 # ------------------------------------------------------------------ one launch each
 
+@pytest.mark.slow
 def test_accelerate_goes_multi_cpu_without_cpu_true(kernel):
     needs("accelerate")
     facts = run_cell(kernel, """

@@ -171,10 +171,13 @@ def test_a_failing_rank_is_named_with_its_host(ssh_hosts, how, error, said):
 
 
 @pytest.mark.parametrize("hosts, env, said", [
-    ([SSH_HOSTS[0], NO_HOST], {}, "Connection refused"),
-    ([SSH_HOSTS[0], BAD_KEY_HOST], {}, "Permission denied"),
-    ([SSH_HOSTS[0], "nosuchhost.invalid"], {}, "Could not resolve hostname"),
-    (SSH_HOSTS, {"NBDIST_REMOTE_PYTHON": "/nonexistent/python3"}, "/nonexistent/python3"),
+    ([SSH_HOSTS[0], NO_HOST], {}, "Connection refused"),  # the quick tier's one
+    pytest.param([SSH_HOSTS[0], BAD_KEY_HOST], {}, "Permission denied",
+                 marks=pytest.mark.slow),
+    pytest.param([SSH_HOSTS[0], "nosuchhost.invalid"], {}, "Could not resolve hostname",
+                 marks=pytest.mark.slow),
+    pytest.param(SSH_HOSTS, {"NBDIST_REMOTE_PYTHON": "/nonexistent/python3"},
+                 "/nonexistent/python3", marks=pytest.mark.slow),
 ], ids=["refused", "bad-key", "unknown-host", "no-python"])
 def test_a_host_that_cannot_be_reached_is_named_quickly(ssh_hosts, monkeypatch, hosts, env,
                                                         said):
@@ -267,6 +270,7 @@ def use_my_modules(box):
             os.path.dirname(shipmod.__file__).endswith("modules/0"))
 
 
+@pytest.mark.slow
 def test_the_notebooks_own_modules_reach_hosts_without_its_folder(ssh_hosts, tmp_path,
                                                                    monkeypatch):
     """The folder is under the test's tmp_path, which the hosts do not see (a tmpfs

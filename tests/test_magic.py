@@ -294,6 +294,7 @@ def test_tutorial_code_runs_unchanged_and_conflicts_are_explained(kernel):
     assert "the ranks have no standard input" in reply.error_text
 
 
+@pytest.mark.slow
 def test_out_restricts_names_and_all_ranks_streams_every_rank(kernel):
     kernel.run("for _name in ('a', 'b', 'c'):\n    globals().pop(_name, None)")
     reply = kernel.execute(cell("nbdist --nprocs 2 --out a,c --all-ranks", """
@@ -308,6 +309,7 @@ def test_out_restricts_names_and_all_ranks_streams_every_rank(kernel):
     assert kernel.value("a, 'b' in globals(), 'c' in globals()") == (10, False, False)
 
 
+@pytest.mark.slow
 def test_rank_exception_is_the_users_own_with_the_cells_traceback(kernel):
     kernel.run(textwrap.dedent("""
         class TrainingDiverged(Exception):
@@ -350,6 +352,7 @@ def test_rank_exception_is_the_users_own_with_the_cells_traceback(kernel):
                      r'    raise TrainingDiverged\(f"loss is \{loss\}"\)', out), out
 
 
+@pytest.mark.slow
 def test_interrupt_stops_every_rank_and_the_next_cell_works(kernel, nbdist_home):
     pending = kernel.submit(cell("distributed --nprocs 2", """
         import time
@@ -388,6 +391,7 @@ def test_example_notebook_runs_top_to_bottom(tmp_path):
     assert accuracy > 0.9, text
 
 
+@pytest.mark.slow
 def test_a_warm_pool_keeps_rank_state_between_cells(kernel, nbdist_home):
     kernel.run("for _name in ('shard', 'sums', 'where', 'again'):\n    globals().pop(_name, None)")
     try:

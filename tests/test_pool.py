@@ -156,6 +156,7 @@ def interrupt_next_task(home) -> list[float]:
     return when
 
 
+@pytest.mark.slow
 def test_an_interrupt_reaches_the_ranks_and_the_pool_survives_unless_they_cannot_answer(
         nbdist_home, record_property):
     pool = nbdist.Pool(nprocs=2)
@@ -187,6 +188,7 @@ def test_an_interrupt_reaches_the_ranks_and_the_pool_survives_unless_they_cannot
         pool.close()
 
 
+@pytest.mark.slow
 def test_a_pool_dies_with_its_caller_and_at_interpreter_exit(nbdist_home, record_property):
     caller = start_script("""
         import time, nbdist

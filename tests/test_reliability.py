@@ -108,6 +108,7 @@ def flood(lines):
     return lines
 
 
+@pytest.mark.slow
 def test_a_flood_of_output_is_delivered_whole_and_logged(capfd, record_property):
     lines = 1_000_000
     started = time.monotonic()
@@ -149,6 +150,7 @@ def test_back_to_back_jobs_do_not_leak(record_property):
     assert grown_mib < 30, f"RSS grew by {grown_mib:.1f} MiB"
 
 
+@pytest.mark.slow
 def test_large_payload_warns(monkeypatch):
     monkeypatch.setattr(payload, "LARGE_PAYLOAD_BYTES", 1 << 20)
     with pytest.warns(UserWarning, match="loading large data inside the function"):

@@ -134,6 +134,7 @@ def test_ddp_training_matches_plain_torchrun(tmp_path):
     assert changed  # the test would be void if training did nothing
 
 
+@pytest.mark.slow
 def test_large_rank0_output_is_delivered_whole(capfd):
     """Rank 0 printing far more than a pipe holds: nothing lost, nothing blocked."""
     def chatty(n):

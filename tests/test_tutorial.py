@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from helpers import run_script
 
 # Each way a user reaches the function is called in one job: a launch is the costly part.
@@ -55,6 +57,7 @@ SCRIPT = """
 """
 
 
+@pytest.mark.slow
 def test_tutorial_runs_unchanged_however_it_imports_init_process_group():
     proc = run_script(SCRIPT, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]

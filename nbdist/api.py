@@ -120,9 +120,8 @@ def run_distributed(fn: Callable, *args: Any, nprocs: int | None = None,
     try:
         SESSION.remember(job)
         view.start(job)
-        watch = Supervisor(launch, job, view, Limits(plan.timeout, plan.init_timeout,
-                                                     stall_warning))
-        with SESSION.following(launch):
+        limits = Limits(plan.timeout, plan.init_timeout, stall_warning)
+        with Supervisor(launch, job, view, limits) as watch, SESSION.following(launch):
             code = watch.follow()
         if code != 0:
             job.status = JobState.FAILED

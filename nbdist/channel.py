@@ -19,6 +19,7 @@ import contextlib
 import heapq
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 from nbdist.protocol import Event, EventBody, Status, decode_event, encode_event
 from nbdist.states import RankState
@@ -51,20 +52,22 @@ class ChannelWriter:
 
 
 class ChannelReader:
-    """The caller's end: the new complete events of every rank since the last poll."""
+    """The caller's end: the new complete events of every rank since the last poll.
+
+    Each file stays open once it exists (a warm task is polled a few times, and an
+    ``open`` costs more than the read); :meth:`close` closes them.
+    """
 
     def __init__(self, paths: dict[int, Path]):
         self._paths = paths
         self._offsets = {rank: 0 for rank in paths}
+        self._files: dict[int, BinaryIO] = {}
 
     def poll(self) -> list[Event]:
         per_rank: list[list[Event]] = []
         for rank, path in self._paths.items():
-            try:
-                with open(path, "rb") as f:
-                    f.seek(self._offsets[rank])
-                    data = f.read()
-            except FileNotFoundError:
+            data = _read_from(self._files, rank, path, self._offsets[rank])
+            if data is None:
                 continue
             end = data.rfind(b"\n") + 1  # keep a partly written line for next time
             self._offsets[rank] += end
@@ -75,6 +78,9 @@ class ChannelReader:
         # step backwards (NTP), its file order may not
         return list(heapq.merge(*per_rank, key=lambda e: e.time))
 
+    def close(self) -> None:
+        _close_all(self._files)
+
 
 class LogFollower:
     """Reads what a rank appended to its log since the last call, as text."""
@@ -83,13 +89,31 @@ class LogFollower:
         self._path = path
         self._offset = 0
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._file: dict[int, BinaryIO] = {}
 
     def read(self, final: bool = False) -> str:
-        try:
-            with open(self._path, "rb") as f:
-                f.seek(self._offset)
-                data = f.read()
-        except FileNotFoundError:
-            data = b""
+        data = _read_from(self._file, 0, self._path, self._offset) or b""
         self._offset += len(data)
         return self._decoder.decode(data, final=final)
+
+    def close(self) -> None:
+        _close_all(self._file)
+
+
+def _read_from(files: dict[int, BinaryIO], key: int, path: Path, offset: int) -> bytes | None:
+    """What a file another process appends to holds from ``offset`` on; None while it
+    does not exist. The file is opened once, then kept in ``files``."""
+    f = files.get(key)
+    if f is None:
+        try:
+            f = files[key] = open(path, "rb")
+        except FileNotFoundError:
+            return None
+    f.seek(offset)
+    return f.read()
+
+
+def _close_all(files: dict[int, BinaryIO]) -> None:
+    for f in files.values():
+        f.close()
+    files.clear()

@@ -115,9 +115,10 @@ def atomic_path(path: Path, *, durable: bool = True) -> Iterator[Path]:
             finally:
                 os.close(fd)
         os.replace(tmp, path)
-    finally:
+    except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
 
 
 def write_bytes_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:

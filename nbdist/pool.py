@@ -243,7 +243,9 @@ class Pool:
     def _stop(self) -> None:
         if self.launch is not None:
             self.launch.kill()
-        self.launch = None
+        if self._watch is not None:
+            self._watch.close()
+        self.launch = self._watch = None
 
     def _teardown(self, exc: BaseException) -> None:
         """Kill a pool whose ranks can no longer be trusted; keep its folder for its logs."""
@@ -282,18 +284,18 @@ class Pool:
         return task, api.new_job(task, self.plan, return_all, pool=self._dir.id)
 
     def _outcome(self, job: Job, view: displays.Display, limits: Limits) -> Any:
-        watch = Supervisor(self.launch, job, view, limits, clock=self.clock)
-        try:
-            with SESSION.following(self.launch):
-                code = watch.follow(TaskOver(FAILURE_GRACE))
-        except NbdistError as exc:  # a timeout: everything is killed already
-            self._teardown(exc)
-            raise
-        if code is not None:  # a rank crashed: torchrun ended every rank
-            raise self._lost(job)
-        if not every_rank_reported(job, 0):  # one failed, the others still run: stop them
-            self.launch.signal(signal.SIGINT)
-            self._wait_reported(watch, INTERRUPT_GRACE)
+        with Supervisor(self.launch, job, view, limits, clock=self.clock) as watch:
+            try:
+                with SESSION.following(self.launch):
+                    code = watch.follow(TaskOver(FAILURE_GRACE))
+            except NbdistError as exc:  # a timeout: everything is killed already
+                self._teardown(exc)
+                raise
+            if code is not None:  # a rank crashed: torchrun ended every rank
+                raise self._lost(job)
+            if not every_rank_reported(job, 0):  # one failed, the others still run
+                self.launch.signal(signal.SIGINT)
+                self._wait_reported(watch, INTERRUPT_GRACE)
         self.tasks += 1
         if all(r.state == RankState.DONE for r in job.ranks):
             return job.take_result()
@@ -326,8 +328,10 @@ class Pool:
             return
         try:
             self.launch.signal(signal.SIGINT)
-            watch = Supervisor(self.launch, job, displays.create("none"), clock=self.clock)
-            if self._wait_reported(watch, INTERRUPT_GRACE) and self._healthy():
+            with Supervisor(self.launch, job, displays.create("none"),
+                            clock=self.clock) as watch:
+                answered = self._wait_reported(watch, INTERRUPT_GRACE)
+            if answered and self._healthy():
                 exc.add_note("[nbdist] every rank stopped its task; " + KEPT[9:])
                 return
             dumps = rankstacks.collect(self.launch)
@@ -352,11 +356,11 @@ class Pool:
         try:
             api.write_payload(task, check_health, (), {}, on_pickled=lambda: None)
             self.launch.post(task, False)
-            watch = Supervisor(self.launch, job, displays.create("none"),
-                               Limits(timeout=HEALTH_TIMEOUT), clock=self.clock)
-            if watch.follow(every_rank_reported) is not None or not all(
-                    r.state == RankState.DONE for r in job.ranks):
-                return False
+            with Supervisor(self.launch, job, displays.create("none"),
+                            Limits(timeout=HEALTH_TIMEOUT), clock=self.clock) as watch:
+                if watch.follow(every_rank_reported) is not None or not all(
+                        r.state == RankState.DONE for r in job.ranks):
+                    return False
             return read_results(task, [0])[0] == self.world_size
         except NbdistError:  # the health check timed out: everything is killed
             return False

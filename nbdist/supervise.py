@@ -111,6 +111,18 @@ class Supervisor:
             self._check_deadlines()
             self.launch.wait(POLL)
 
+    def close(self) -> None:
+        """Let go of the ranks' files (the job is over, or this phase of a pool)."""
+        self._events.close()
+        for follower in self._logs.values():
+            follower.close()
+
+    def __enter__(self) -> "Supervisor":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def pump(self, final: bool = False) -> None:
         """Take in what happened since the last look: notices, events, output."""
         launch, job, view = self.launch, self.job, self.view

@@ -1,9 +1,9 @@
 """Rank → caller transport: events (``protocol.py``) and logs, through the job folder.
 
 Each rank appends its events to a private file (``events-rank-N.jsonl``), one line
-per event written with a single ``write`` so a line is never torn, then rings the
-job's *bell*: a FIFO the caller waits on, so an event wakes it at once instead of at
-its next look. No socket is opened, so nothing listens on the network; a bell that
+per event written with a single ``write`` so a line is never torn; a state the caller
+waits for (ready, done, failed) also rings the job's *bell*: a FIFO the caller waits
+on, so it wakes at once instead of at its next look. No socket is opened, so nothing listens on the network; a bell that
 is full (the caller has rings it did not read yet) or absent (a host's copy before
 its relay opened it) costs the rank nothing.
 
@@ -25,8 +25,16 @@ from nbdist.protocol import Event, EventBody, Status, decode_event, encode_event
 from nbdist.states import RankState
 
 
+# The states a caller waits for (a pool's ranks joined, a task's outcome): ringing the
+# bell for these alone leaves the caller asleep while a task runs, instead of waking it
+# for every start and every progress bar (it looks at those every POLL anyway). A cold
+# job's end is its processes' exit, which the caller waits on too.
+AWAITED = (RankState.READY, RankState.DONE, RankState.FAILED)
+
+
 class ChannelWriter:
-    """The rank's end: append events to its rank's file, then ring the bell."""
+    """The rank's end: append events to its rank's file, and ring the bell for the
+    states a caller waits for."""
 
     def __init__(self, path: Path, bell: Path | None = None):
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -37,7 +45,7 @@ class ChannelWriter:
 
     def emit(self, body: EventBody) -> None:
         os.write(self._fd, encode_event(body))
-        if self._bell >= 0:
+        if self._bell >= 0 and isinstance(body, Status) and body.state in AWAITED:
             with contextlib.suppress(BlockingIOError, BrokenPipeError):
                 os.write(self._bell, b"\0")
 

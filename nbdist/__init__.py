@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Each public name and the module that defines it, imported on first use (PEP 562):
 # every rank and torchrun's agent import this package too, and need none of the
@@ -30,8 +30,9 @@ _EXPORTS = {
     "rank0_first": "runtime", "track": "runtime", "report": "runtime",
 }
 _SUBMODULES = ("api", "cell", "channel", "display", "errors", "frameworks", "job",
-               "jobdir", "launch", "magic", "payload", "plan", "pool", "rankstacks", "runtime",
-               "scope", "states")
+               "jobdir", "launch", "magic", "payload", "plan", "pool", "protocol",
+               "rankstacks", "runtime", "scope", "session", "states", "supervise",
+               "torchimport")
 
 __all__ = list(_EXPORTS)
 

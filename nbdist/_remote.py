@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from nbdist import shipping
-from nbdist.jobdir import JOB_ID, JobDir, host_dir
+from nbdist.jobdir import JOB_ID, JobDir, host_copy, host_dir
 from nbdist.launch.local import Launch, Rendezvous
 from nbdist.launch.relay import TO_HOSTS, Mirror, Sink, Wire
 from nbdist.protocol import (VERSION, Exit, Fail, Hello, Kill, Message, Modules, Port,
@@ -56,11 +56,11 @@ class Relay:
         root = host_dir() / socket.gethostname()
         root.mkdir(mode=0o700, exist_ok=True)
         _remove_orphans(root)
-        self.folder = JobDir(root / f"{hello.job}@{hello.index}")
+        self.folder = JobDir(root / host_copy(hello.job, hello.index))
         self.folder.path.mkdir(mode=0o700)
         self.folder.relay_pid.write_text(str(os.getpid()))
         self.tasks: dict[str, JobDir] = {}  # a pool's task folders, by task id
-        self.posted: list[str] = []  # the task posted last (its folder goes with the next)
+        self.posted: str | None = None  # the task posted last (its folder goes with the next)
         self._tasks_lock = threading.Lock()  # the reader thread makes them
         self.launch: Launch | None = None
         self.mirror = Mirror(wire)
@@ -69,6 +69,7 @@ class Relay:
         self.inbox: queue.Queue = queue.Queue()
         self._knock, self._knocked = os.pipe()  # the reader thread wakes the loop with it
         os.set_blocking(self._knock, False)
+        os.set_blocking(self._knocked, False)  # a full pipe has a wake-up pending already
         self.last_heard = time.monotonic()  # the caller pings every few seconds
         self.failure: str | None = None  # said to the caller instead of an exit code
         self.address = _my_address(hello.host, hello.via)
@@ -162,13 +163,13 @@ class Relay:
             return
         # the task posted before this one is over; a payload the reader thread wrote
         # meanwhile for a later post is not
-        done, self.posted = self.posted, [key] if key else []
+        done, self.posted = self.posted, key
         if task is not None:
             self.mirror.watch(key, task.path)
-        for old in done:
-            self.mirror.forget(old)  # the previous task: its last output is sent
+        if done is not None:
+            self.mirror.forget(done)  # the previous task: its last output is sent
             with self._tasks_lock:
-                folder = self.tasks.pop(old, None)
+                folder = self.tasks.pop(done, None)
             if folder is not None:
                 shutil.rmtree(folder.path, ignore_errors=True)
         if self.launch is not None:
@@ -224,6 +225,8 @@ class Relay:
         with contextlib.suppress(OSError, ValueError):
             self.mirror.scan()
         shutil.rmtree(self.folder.path, ignore_errors=True)  # a pool's tasks inside
+        for fd in (self._knock, self._knocked):
+            os.close(fd)
 
 
 def _remove_orphans(root: Path) -> None:
@@ -248,9 +251,7 @@ def _mismatch(hello: Hello) -> str | None:
     """Why this host cannot run the caller's job, if it cannot."""
     import nbdist
 
-    here = tuple(sys.version_info[:2])
-    if hello.version != VERSION:
-        return _version_mismatch(hello.version)
+    here = tuple(sys.version_info[:2])  # the version itself: decode_message checked it
     if tuple(hello.python) != here:
         return (f"{sys.executable} is Python {here[0]}.{here[1]} here, the caller runs "
                 f"{hello.python[0]}.{hello.python[1]}: pickled functions need the "
@@ -264,8 +265,10 @@ def _mismatch(hello: Hello) -> str | None:
 def _version_mismatch(version: object) -> str:
     import nbdist
 
-    return (f"the caller speaks nbdist's protocol version {version}, this host's nbdist "
-            f"{nbdist.__version__} version {VERSION}: install the same nbdist on every host")
+    said = ("an nbdist before 0.2 (no protocol version)" if version is None
+            else f"nbdist's protocol version {version}")
+    return (f"the caller speaks {said}, this host's nbdist {nbdist.__version__} version "
+            f"{VERSION}: install the same nbdist on every host")
 
 
 def _my_address(label: str, via: str) -> str:

@@ -3,9 +3,9 @@
 Each rank appends its events to a private file (``events-rank-N.jsonl``), one line
 per event written with a single ``write`` so a line is never torn; a state the caller
 waits for (ready, done, failed) also rings the job's *bell*: a FIFO the caller waits
-on, so it wakes at once instead of at its next look. No socket is opened, so nothing listens on the network; a bell that
-is full (the caller has rings it did not read yet) or absent (a host's copy before
-its relay opened it) costs the rank nothing.
+on, so it wakes at once instead of at its next look. No socket is opened, so nothing
+listens on the network; a bell that is full (the caller has rings it did not read
+yet) or gone (its caller died) costs the rank nothing.
 
 Status changes and final values are written unthrottled (never lost); progress from
 :func:`nbdist.track` is throttled by the writer (see ``runtime.py``).

@@ -18,11 +18,11 @@ from __future__ import annotations
 import functools
 import json
 import os
-import pickle
 import re
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -126,6 +126,12 @@ class Job:
         data["ranks"] = [RankStatus(**{**r, "state": RankState(r["state"])})
                          for r in data["ranks"]]
         return cls(**data)
+
+    @property
+    def nprocs(self) -> int:
+        """Deprecated: :attr:`world_size`."""
+        warnings.warn("Job.nprocs is Job.world_size now", DeprecationWarning, stacklevel=2)
+        return self.world_size
 
     def ranks_text(self) -> str:
         """``2 done``, ``1 done, 1 failed``: how the ranks ended, counted."""
@@ -394,7 +400,7 @@ def rebuild_exception(record: ErrorRecord, job: Job) -> BaseException:
     where = f"rank {rank} of {job.world_size} (host {record.host}, pid {record.pid})"
     exc: BaseException | None
     try:
-        exc = pickle.loads(record.exception) if record.exception else None
+        exc = payload.loads(record.exception) if record.exception else None
     except Exception:
         exc = None
     if exc is None:

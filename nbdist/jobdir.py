@@ -9,7 +9,8 @@
         launcher.log       torchrun's own output
         rank-N.log         everything rank N printed (stdout and stderr, in order)
         events-rank-N.jsonl  status / progress / metrics of rank N   (channel.py)
-        bell               a FIFO the ranks ring after each event: the caller waits on it
+        bell               a FIFO the ranks ring when ready, done or failed: the caller
+                           waits on it
         result-rank-N.pt   index of rank N's result (rank 0 only unless return_all)
         result-rank-N.NAME.pt  one value of it: the return value, or a cell's name
         error-rank-N.pkl   rank N's exception record (protocol.ErrorRecord)
@@ -27,8 +28,10 @@ relay keeps its own copy while the job runs, and removes it after::
         modules/<sys.path index>/                caller's folder); the caller's modules
         tasks/<task-id>/                         (shipping.py); a pool's tasks
 
-Every file another process reads is written atomically (temp file, fsync, rename),
-so a reader sees either nothing or the whole file, never half of it.
+Every record another process reads is written atomically (temp file, rename; fsynced
+where losing it to a crash of the machine would matter), so a reader sees either
+nothing or the whole file, never half of it. The entry script is written before
+torchrun starts, so nothing reads it half-written.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ RECORDS = re.compile(r"result-rank-\d+(\.[\w.-]+)?\.pt|error-rank-\d+\.pkl|failu
 FAILURES = "failures.json"  # every host's agent writes its own ranks': merged (relay.Sink)
 PAYLOAD = "payload.pt"  # the one file the caller sends its hosts
 LOG = "rank-{}.log"  # by rank: the entry script opens it before Python imports anything
+ENTRY = "entry.py"  # the script torchrun runs (rankstacks tells its frames from the user's)
+HOST_COPY = re.compile(f"(?:{JOB_ID.pattern})@\\d+")  # a relay's copy of a job (host_copy)
 
 
 def base_dir() -> Path:
@@ -169,7 +174,7 @@ class JobDir:
 
     @property
     def entry(self) -> Path:
-        return self.path / "entry.py"
+        return self.path / ENTRY
 
     @property
     def launcher_log(self) -> Path:
@@ -233,6 +238,11 @@ class JobDir:
 
     def __repr__(self) -> str:
         return f"JobDir({str(self.path)!r})"
+
+
+def host_copy(job_id: str, index: int) -> str:
+    """The folder name of a relay's copy of job ``job_id`` on the ``index``-th host."""
+    return f"{job_id}@{index}"
 
 
 def entry_script(job: JobDir, spec: Spec) -> str:

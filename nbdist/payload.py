@@ -48,7 +48,7 @@ import cloudpickle
 
 from nbdist.errors import PicklingError
 from nbdist.jobdir import atomic_path, check_private, write_bytes_atomic
-from nbdist.torchimport import import_torch
+from nbdist.torchimport import import_torch, sigint_held
 
 LARGE_PAYLOAD_BYTES = 1 << 30
 INLINE_BYTES = 1 << 20  # a result value up to this size travels inside its index
@@ -143,6 +143,16 @@ def dumps(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
+def loads(data: bytes) -> Any:
+    """``pickle.loads``, with the stop button held off while it imports torch (a value
+    holding a ``torch.dtype``, an error of torch's type, in a process without torch
+    yet): half an import of torch breaks every later one (``torchimport.py``)."""
+    if "torch" in sys.modules:
+        return pickle.loads(data)
+    with sigint_held():
+        return pickle.loads(data)
+
+
 def dump(obj: Any, path: Path, *, on_pickled: Callable[[], None] | None = None,
          pickler: type[Pickler] = Pickler) -> int:
     """Write ``obj`` to ``path`` atomically; return the file size in bytes.
@@ -156,6 +166,11 @@ def dump(obj: Any, path: Path, *, on_pickled: Callable[[], None] | None = None,
         (on_pickled or (lambda: None))()
         write_bytes_atomic(path, data, durable=False)
         return len(data)
+    return _torch_save(obj, path, pickler, on_pickled)
+
+
+def _torch_save(obj: Any, path: Path, pickler: type[Pickler],
+                on_pickled: Callable[[], None] | None) -> int:
     torch = import_torch()
     pickle_module = _pickle_module(pickler, on_pickled or (lambda: None))
     with atomic_path(path, durable=False) as tmp, _without_crc32(torch):
@@ -209,7 +224,7 @@ def load(path: Path) -> Any:
     with open(path, "rb") as f:
         if f.read(len(_ZIP)) != _ZIP:
             f.seek(0)
-            return pickle.load(f)
+            return loads(f.read())
     torch = import_torch()
     return torch.load(path, weights_only=False, mmap=True, map_location="cpu")
 
@@ -243,10 +258,12 @@ def dump_outputs(outputs: Outputs, path: Path, part: Callable[[str], Path], *,
         kind = _type_name(value)
         try:
             data = _plain_pickle(value, ResultPickler)
-            if data is not None and len(data) <= INLINE_BYTES:
+            if data is None:
+                _torch_save(value, part(name), ResultPickler, None)
+            elif len(data) <= INLINE_BYTES:
                 index.inline[name] = data
             else:
-                dump(value, part(name), pickler=ResultPickler)
+                write_bytes_atomic(part(name), data, durable=False)
         except Exception as exc:  # pickling can raise nearly anything
             if strict:
                 raise
@@ -268,7 +285,7 @@ def load_outputs(path: Path, part: Callable[[str], Path]) -> Outputs:
     for name in list(index.values):
         try:
             if name in inline:
-                index.values[name] = pickle.loads(inline[name])
+                index.values[name] = loads(inline[name])
             else:
                 check_private(part(name))
                 index.values[name] = load(part(name))

@@ -30,6 +30,7 @@ import atexit
 import contextlib
 import shutil
 import signal
+import sys
 import time
 import warnings
 from typing import Any, Callable, Sequence
@@ -90,7 +91,7 @@ class Pool:
         warn_if_caller_gpu(self.plan)
         self.persist = persist
         self.clock = clock  # a fake one in the fast tests: a 2 s grace then takes no time
-        self.env = debug_env(env, debug)
+        self.env = dict(debug_env(env, debug) or {})  # the user's dict may change later
         self.options = {"nprocs": nprocs, "gpus": gpus, "backend": backend, "debug": debug,
                         "hosts": hosts, "ssh_options": ssh_options, "slurm": slurm}
         self.tasks = 0  # tasks run on the current ranks
@@ -116,12 +117,20 @@ class Pool:
         return (self.launch is not None and self.launch.poll() is None
                 and not self.launch.lost_hosts())
 
+    @property
+    def nprocs(self) -> int:
+        """Deprecated: :attr:`world_size` (the ranks in all), or ``plan.ranks_per_host``."""
+        warnings.warn("Pool.nprocs is Pool.world_size now (ranks per host: "
+                      "Pool.plan.ranks_per_host)", DeprecationWarning, stacklevel=2)
+        return self.world_size
+
     def ready(self) -> "Pool":
         """Wait until every rank has joined the process group (the first :meth:`run`
-        waits anyway, showing them start); returns the pool."""
+        waits anyway, showing them start); returns the pool. What the launch says
+        meanwhile (a Slurm queue, modules not sent to the hosts) is printed."""
         if not self.alive:
             self._restart_lost()
-        self._wait_ready(displays.create("none"))
+        self._wait_ready(_Notices())
         return self
 
     def run(self, fn: Callable, *args: Any, timeout: float | None = None,
@@ -163,8 +172,8 @@ class Pool:
 
     def status(self) -> dict[str, Any]:
         """What the pool holds: ranks (pid, state), device, tasks run, idle seconds."""
-        if self._watch is not None and self.alive:
-            self._watch.pump()  # what the ranks said since (their pids, once started)
+        if self._watch is not None and self.alive:  # their pids and states, once started
+            self._watch.pump(events_only=True)  # notices and output: for the next run
         ranks = self._ranks.ranks if self._ranks is not None else []
         return {
             "alive": self.alive, "world_size": self.world_size,
@@ -366,6 +375,13 @@ class Pool:
             return False
         finally:
             shutil.rmtree(task.path, ignore_errors=True)
+
+
+class _Notices(displays.Display):
+    """Shows what a launch says about itself while nothing else is shown."""
+
+    def notice(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
 
 
 def check_options(pool: Pool, *, nprocs: int | None, gpus: Any, backend: str | None,

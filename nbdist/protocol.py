@@ -45,7 +45,9 @@ class VersionMismatch(ProtocolError):
     to read, so only the version is."""
 
     def __init__(self, version: Any):
-        super().__init__(f"the caller speaks protocol version {version}, this end {VERSION}")
+        said = ("an nbdist before 0.2 (no protocol version)" if version is None
+                else f"protocol version {version}")
+        super().__init__(f"the caller speaks {said}, this end version {VERSION}")
         self.version = version
 
 
@@ -171,9 +173,12 @@ class Event:
 
 def encode_event(body: EventBody, at: float | None = None) -> bytes:
     """The line a rank appends (with one ``write``, so never torn)."""
-    fields = {k: v for k, v in asdict(body).items() if v is not None}
+    # the fields as they are, not asdict's deep copies: report(loss=loss) hands in a
+    # tensor of the autograd graph, which refuses to be copied (and JSON takes .item())
+    fields = {f.name: getattr(body, f.name) for f in dataclasses.fields(body)}
     return json.dumps({"kind": body.kind, "time": time.time() if at is None else at,
-                       **fields}, default=_jsonable).encode() + b"\n"
+                       **{k: v for k, v in fields.items() if v is not None}},
+                      default=_jsonable).encode() + b"\n"
 
 
 def _jsonable(value: Any) -> Any:

@@ -26,12 +26,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nbdist.jobdir import JOB_ID, size_of
+from nbdist.jobdir import ENTRY, HOST_COPY, JOB_ID, size_of
 from nbdist.session import SESSION
 
 SIGNAL = signal.SIGUSR1
 DUMP_WAIT = 1.0  # seconds the ranks get to write their stacks
-_JOB_FOLDER = re.compile(f"{JOB_ID.pattern}(@\\d+)?")  # a job's folder, or a host's copy
+# a job's folder, or a relay's copy of it on a host
+_JOB_FOLDER = re.compile(f"{JOB_ID.pattern}|{HOST_COPY.pattern}")
 _FRAME = re.compile(r'^\s+File "(?P<file>[^"]+)", line (?P<line>\d+) in (?P<fn>.+)$')
 _LIBRARY_DIRS = tuple({os.path.realpath(p) + os.sep for p in (
     sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
@@ -50,7 +51,7 @@ class Frame:
         if self.file.startswith("<"):
             return self.file.startswith("<nbdist-cell")
         path = Path(self.file)
-        if path.name == "entry.py" and _JOB_FOLDER.fullmatch(path.parent.name):
+        if path.name == ENTRY and _JOB_FOLDER.fullmatch(path.parent.name):
             return False  # the script nbdist generated for the job (here, or on a host)
         return not os.path.realpath(path).startswith(_LIBRARY_DIRS)
 
@@ -90,7 +91,7 @@ def main_thread(dump: str) -> list[Frame]:
     threads = [[Frame(m["file"], int(m["line"]), m["fn"]) for m in map(_FRAME.match, block)
                 if m] for block in _blocks(dump)]
     for frames in threads:
-        if frames and frames[-1].file.endswith("entry.py"):
+        if frames and frames[-1].file.endswith(ENTRY):
             return frames
     return threads[0] if threads else []
 
@@ -155,7 +156,7 @@ def _short(path: str) -> str:
 
 def _package(path: str) -> str:
     """``torch``, ``nbdist``, ``threading``...: what a library frame belongs to."""
-    if Path(path).name == "entry.py":  # not a user frame: the job's generated script
+    if Path(path).name == ENTRY:  # not a user frame: the job's generated script
         return "nbdist"
     return _short(path).split("/")[0].removesuffix(".py") or "python"
 

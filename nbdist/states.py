@@ -9,7 +9,8 @@ A rank goes PENDING (nothing heard yet) → STARTING (process up) → JOINING (i
 ``init_process_group``) → READY (group formed; a pool's rank idles here between tasks)
 → RUNNING → DONE or FAILED (raised). From the caller's evidence: CRASHED (died without
 an exception), KILLED (stopped by nbdist or torchrun's teardown); STOPPED is how a
-display shows a rank that was still running when its job ended another way.
+display shows a rank that was still running when its job ended another way, and how
+the record of an interrupted task keeps a rank that stopped with the KeyboardInterrupt.
 """
 
 from __future__ import annotations

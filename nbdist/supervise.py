@@ -8,7 +8,7 @@
         │       display), the shown ranks' new output
         │ deadlines: timeout / init_timeout → every rank's stack, kill, raise
         │ stall: no progress for stall_warning and a rank in a collective → warn once
-        ▼ wait for the bell (a rank wrote an event) or an exit, at most POLL
+        ▼ wait for the bell (a rank ready, done or failed) or an exit, at most POLL
 
 A cold job follows until torchrun exits. A pool follows named goals: its ranks have
 joined (:func:`ranks_ready`), a task is over (:class:`TaskOver`: every rank reported,
@@ -88,11 +88,11 @@ class Supervisor:
         self.view = view
         self.limits = limits
         self.clock = clock
-        folder = JobDir(job.dir)
-        self._events = ChannelReader({r: folder.events(r) for r in range(job.world_size)})
-        shown = range(job.world_size) if view.all_ranks else [0]
-        self._logs = {r: LogFollower(folder.log(r)) for r in shown}
-        self._started = clock()
+        self._folder = JobDir(job.dir)
+        self._events = ChannelReader({r: self._folder.events(r)
+                                      for r in range(job.world_size)})
+        self._logs: dict[int, LogFollower] = {}  # the ranks whose output the view shows
+        self._began: float | None = None  # on this clock, once the ranks' processes run
         self._stall = _StallWatch(launch, limits.stall_warning, clock)
 
     def follow(self, goal: Goal | None = None) -> int | None:
@@ -123,29 +123,39 @@ class Supervisor:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def pump(self, final: bool = False) -> None:
-        """Take in what happened since the last look: notices, events, output."""
+    def pump(self, final: bool = False, *, events_only: bool = False) -> None:
+        """Take in what happened since the last look: notices, events, output.
+        ``events_only``: fold the events into the record, and leave the notices and
+        the output for a view that will show them (a pool's status between calls)."""
         launch, job, view = self.launch, self.job, self.view
         if job.hosts is None and launch.hosts:  # Slurm's nodes, once allocated
             job.hosts = launch.hosts
-        for notice in launch.take_notices():
-            view.notice(notice)
+        if not events_only:
+            for notice in launch.take_notices():
+                view.notice(notice)
         for event in self._events.poll():
             _apply(event, job)
             view.event(event)
             if event.kind != EventKind.HEARTBEAT:
                 self._stall.progress()
-        for rank, follower in self._logs.items():
+        if events_only:
+            return
+        for rank in range(job.world_size) if view.all_ranks else [0]:
+            follower = self._logs.get(rank)
+            if follower is None:  # from the start of its log: a view set later sees it all
+                follower = self._logs[rank] = LogFollower(self._folder.log(rank))
             text = follower.read(final)
             if text:
                 view.output(rank, text)
                 self._stall.progress()
 
     def _check_deadlines(self) -> None:
-        limits, started_at = self.limits, self.launch.started_at
-        if started_at is None:  # still in Slurm's queue: the limits count from the start
-            return
-        elapsed = self.clock() - max(self._started, started_at)
+        limits = self.limits
+        if self._began is None:
+            if self.launch.started_at is None:  # still in Slurm's queue: the limits count
+                return                          # from the start of the ranks' processes
+            self._began = self.clock()  # on this clock (a launch keeps time.monotonic)
+        elapsed = self.clock() - self._began
         if limits.timeout is not None and elapsed > limits.timeout:
             raise self._stop(_timeout_error, limits.timeout)
         if (limits.init_timeout is not None and elapsed > limits.init_timeout

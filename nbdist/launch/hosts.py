@@ -365,7 +365,8 @@ class HostsLaunch:
 
     def live_ranks(self) -> list[int]:
         up = {link.label for link in self.links if not link.ended.is_set()}
-        return sorted(r for r, host in self.rank_hosts.items() if host in up)
+        # a copy: the links' reader threads add to it meanwhile
+        return sorted(r for r, host in list(self.rank_hosts.items()) if host in up)
 
     def take_notices(self) -> list[str]:
         notices, self._notices = self._notices, []

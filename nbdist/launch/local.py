@@ -81,7 +81,33 @@ class Launch:
         self._wake: list[int] = []
         self._seq = 0
         self._known: dict[int, int] = {}  # rank -> pid, as found among the agent's children
-        if spec.pool:  # before the ranks start: each opens its own at once
+        self._bell = -1
+        self._pidfd: int | None = None  # becomes readable when torchrun exits
+        try:
+            self._open_fifos(job, spec)
+            # torchrun's own output: to launcher.log, or ``output`` (a relay's stderr,
+            # which the caller reads)
+            with open(job.launcher_log, "ab") if output is None else open(
+                    output, "wb", closefd=False) as log:
+                self.proc = subprocess.Popen(
+                    torchrun_command(job, spec.ranks_per_host, rendezvous),
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    env=env if env is not None else spec.environment(os.environ),
+                    cwd=str(job.path), start_new_session=True,
+                )
+        except BaseException:  # no launch to kill() comes back: let go of the FIFOs here
+            self._close_fds()
+            raise
+        self.pid = self.proc.pid
+        self.started_at = time.monotonic()
+        with contextlib.suppress(AttributeError, OSError):  # Linux >= 5.3 only
+            self._pidfd = os.pidfd_open(self.pid)
+            self._events.register(self._pidfd, select.POLLIN)
+
+    def _open_fifos(self, job: JobDir, spec: Spec) -> None:
+        """A pool's FIFO per rank, and the bell, before the ranks start: each opens its
+        own at once."""
+        if spec.pool:
             for rank in range(spec.world_size):  # any of them may land on this host
                 os.mkfifo(job.wake(rank), 0o600)
                 # read-write: opening never blocks, and the FIFO never reports EOF
@@ -90,22 +116,13 @@ class Launch:
         self._bell = os.open(job.bell, os.O_RDWR | os.O_NONBLOCK)
         self._events = select.poll()  # poll, not select: a pidfd may be > 1023
         self._events.register(self._bell, select.POLLIN)
-        # torchrun's own output: to launcher.log, or ``output`` (a relay's stderr, which
-        # the caller reads)
-        with open(job.launcher_log, "ab") if output is None else open(output, "wb",
-                                                                      closefd=False) as log:
-            self.proc = subprocess.Popen(
-                torchrun_command(job, spec.ranks_per_host, rendezvous),
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=env if env is not None else spec.environment(os.environ),
-                cwd=str(job.path), start_new_session=True,
-            )
-        self.pid = self.proc.pid
-        self.started_at = time.monotonic()
-        self._pidfd: int | None = None  # becomes readable when torchrun exits
-        with contextlib.suppress(AttributeError, OSError):  # Linux >= 5.3 only
-            self._pidfd = os.pidfd_open(self.pid)
-            self._events.register(self._pidfd, select.POLLIN)
+
+    def _close_fds(self) -> None:
+        for fd in [*self._wake, self._bell, self._pidfd]:
+            if fd is not None and fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake, self._bell, self._pidfd = [], -1, None
 
     def watch(self, fd: int) -> None:
         """Let ``wait`` also return when ``fd`` becomes readable (a relay's inbox)."""
@@ -123,7 +140,7 @@ class Launch:
         return {r: pid for r, pid in sorted(self._known.items()) if is_rank_of(pid, self.job)}
 
     def live_ranks(self) -> list[int]:
-        """The ranks known to be up."""
+        """The ranks known to be up (the launcher interface's word for :meth:`ranks`)."""
         return list(self.ranks())
 
     def signal(self, sig: signal.Signals) -> list[int]:
@@ -183,11 +200,7 @@ class Launch:
         _signal_groups(groups, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=0.3)
-        for fd in [*self._wake, self._bell, self._pidfd]:
-            if fd is not None and fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._wake, self._bell, self._pidfd = [], -1, None
+        self._close_fds()
 
     def _groups(self) -> set[int]:
         pids: set[int] = set()

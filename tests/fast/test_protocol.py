@@ -212,3 +212,21 @@ def test_a_garbled_header_has_no_size(header):
 def test_a_message_of_another_version_raises_protocol_error(header):
     with pytest.raises(ProtocolError, match=f"protocol version {VERSION}"):
         decode_message(header, b"")
+
+
+class _GraphTensor:
+    """Stands in for a loss tensor of the autograd graph: no deep copy, a .item()."""
+
+    def __deepcopy__(self, memo):
+        raise RuntimeError("Only Tensors created explicitly by the user support deepcopy")
+
+    def item(self) -> float:
+        return 0.25
+
+
+def test_metrics_encode_what_cannot_be_copied():
+    import threading
+
+    line = encode_event(Metrics({"loss": _GraphTensor(), "lock": threading.Lock()}, 3), 1.0)
+    event = decode_event(0, line)
+    assert event.body.values["loss"] == 0.25 and "lock" in event.body.values["lock"]

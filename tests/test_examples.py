@@ -49,4 +49,4 @@ def test_pool_notebook_loads_once_trains_in_two_cells_and_evaluates(tmp_path, nb
     assert found, text
     in_notebook, on_ranks = float(found.group(1)), float(found.group(2))
     assert in_notebook > 0.9 and abs(in_notebook - on_ranks) < 0.01, text
-    assert "[nbdist] no pool: %%distributed cells run as cold jobs" in text, text
+    assert "[nbdist] pool stopped after 4 task(s): its ranks are gone" in text, text

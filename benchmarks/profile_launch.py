@@ -34,7 +34,8 @@ HERE = Path(__file__).resolve().parent
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import nbdist  # noqa: E402
-from nbdist import api, job as job_mod  # noqa: E402
+from nbdist import api, job as job_mod, supervise  # noqa: E402
+from nbdist.launch import local  # noqa: E402
 
 sys.path.insert(0, str(HERE))
 import workloads  # noqa: E402
@@ -143,10 +144,10 @@ class CallerStamps:
     def __init__(self):
         self.stamps: list[tuple[str, float]] = []
         self._wrap(api, "write_payload", "pack")
-        self._wrap(api.Launch, "__init__", "Popen torchrun")
-        self._wrap(api, "supervise", "supervise (poll until torchrun exits)")
+        self._wrap(local.Launch, "__init__", "Popen torchrun")
+        self._wrap(supervise.Supervisor, "follow", "supervise (until torchrun exits)")
         self._wrap(job_mod.Job, "take_result", "read result")
-        self._wrap(api.Launch, "kill", "Launch.kill")
+        self._wrap(local.Launch, "kill", "Launch.kill")
         self._wrap(job_mod.Job, "save", "job.save")
 
     def _wrap(self, obj, attr, event):

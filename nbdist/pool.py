@@ -306,7 +306,7 @@ class Pool:
                 self.launch.signal(signal.SIGINT)
                 self._wait_reported(watch, INTERRUPT_GRACE)
         self.tasks += 1
-        if all(r.state == RankState.DONE for r in job.ranks):
+        if _all_done(job):
             return job.take_result()
         job.status = JobState.FAILED
         exc = diagnose(job, None)
@@ -367,14 +367,18 @@ class Pool:
             self.launch.post(task, False)
             with Supervisor(self.launch, job, displays.create("none"),
                             Limits(timeout=HEALTH_TIMEOUT), clock=self.clock) as watch:
-                if watch.follow(every_rank_reported) is not None or not all(
-                        r.state == RankState.DONE for r in job.ranks):
+                if watch.follow(every_rank_reported) is not None or not _all_done(job):
                     return False
             return read_results(task, [0])[0] == self.world_size
         except NbdistError:  # the health check timed out: everything is killed
             return False
         finally:
             shutil.rmtree(task.path, ignore_errors=True)
+
+
+def _all_done(job: Job) -> bool:
+    """Every rank of the task finished without an exception."""
+    return all(r.state == RankState.DONE for r in job.ranks)
 
 
 class _Notices(displays.Display):

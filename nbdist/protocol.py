@@ -82,9 +82,12 @@ class Spec:
 
     @classmethod
     def decode(cls, data: bytes | str) -> "Spec":
-        fields = json.loads(data)
-        fields["sys_path"] = tuple(fields["sys_path"])
-        return cls(**fields)
+        return cls.from_fields(json.loads(data))
+
+    @classmethod
+    def from_fields(cls, fields: dict) -> "Spec":
+        """The spec of its JSON fields (a spec.json, or a Hello's)."""
+        return cls(**{**fields, "sys_path": tuple(fields["sys_path"])})
 
 
 @dataclass(frozen=True)
@@ -425,8 +428,7 @@ def decode_message(header_line: bytes, body: bytes) -> Message:
         if cls is Hello and fields.get("version") != VERSION:
             raise VersionMismatch(fields.get("version"))  # before its fields are read
         if cls is Hello:
-            fields["spec"] = Spec(**{**fields["spec"],
-                                     "sys_path": tuple(fields["spec"]["sys_path"])})
+            fields["spec"] = Spec.from_fields(fields["spec"])
             fields["python"] = tuple(fields["python"])
         if "body" in {f.name for f in dataclasses.fields(cls)}:
             fields["body"] = body
